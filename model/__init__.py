@@ -1,0 +1,1 @@
+"""FM Server model package: MIDI reading, tokenizer, Field Machine, training and evaluation."""
