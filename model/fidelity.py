@@ -50,7 +50,7 @@ def measure(score: Score, tokenizer: Tokenizer) -> Fidelity:
     on_grid = dur_on_grid = both = 0
     for n in score.notes:
         onset = (2 * n.onset_tick * grid + tpb) // (2 * tpb) * (res // grid)
-        snapped = tokenizer._duration_steps[tokenizer._snap_duration(n.duration_beat)]
+        snapped = tokenizer.duration_steps(tokenizer.snap_duration(n.duration_beat))
         expected_onset[(onset, n.pitch, n.voice)] += 1
         expected_full[(onset, n.pitch, n.voice, snapped)] += 1
         exact_onset = (n.onset_tick * grid) % tpb == 0

@@ -323,8 +323,11 @@ class Tokenizer:
         problems: Counter[str] = Counter()
 
         onsets = [_round_div(n.onset_tick * grid, tpb) for n in score.notes]
-        dur_index = [self._snap_duration(n.duration_beat) for n in score.notes]
-        ends = [on * self._step + self._duration_steps[d] for on, d in zip(onsets, dur_index)]
+        dur_index = [self.snap_duration(n.duration_beat) for n in score.notes]
+        # Silence is judged on the notes' real ends (on the internal grid), not snapped durations.
+        res = self._res
+        ends = [max(_round_div((n.onset_tick + n.duration_tick) * res, tpb), on * self._step + 1)
+                for n, on in zip(score.notes, onsets)]
         bars = self._bars(score, max(onsets), problems)
         bar_starts = [b.start for b in bars]
 
@@ -383,10 +386,15 @@ class Tokenizer:
         best = min(options, key=lambda b: abs(self._log_durations[b] - self._log_durations[key.b]))
         return self.index[TokenKey(key.kind, key.a, best, key.c)]
 
-    def _snap_duration(self, beats: float) -> int:
+    def snap_duration(self, beats: float) -> int:
+        """Index of the grid duration nearest (in log2) to ``beats`` quarter notes."""
         if beats <= 0:
             return 0
         return int(np.argmin(np.abs(self._log_durations - math.log2(beats))))
+
+    def duration_steps(self, index: int) -> int:
+        """Length of grid duration ``index`` in internal steps (``config.resolution`` a beat)."""
+        return self._duration_steps[index]
 
     def _velocity_level(self, velocity: int) -> int:
         return int(np.argmin(np.abs(self._velocity_levels - velocity)))
@@ -436,7 +444,7 @@ class Tokenizer:
             grid_pos = _round_div(start, step)
             bar = bars[bisect.bisect_right(bar_starts, grid_pos) - 1]
             stop = min(end, (bar.start + bar.length) * step)
-            d = self._snap_duration((stop - start) / self._res)
+            d = self.snap_duration((stop - start) / self._res)
             yield (grid_pos * step, 1, REST, -1, d, grid_pos - bar.start, 0, 0)
             start = stop
 
