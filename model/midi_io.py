@@ -212,7 +212,7 @@ def score_to_midifile(score: Score) -> mido.MidiFile:
     for sig in score.time_signatures:
         conductor.append((sig.tick, 0, mido.MetaMessage(
             "time_signature", numerator=sig.numerator, denominator=sig.denominator)))
-    midi.tracks.append(_to_track(conductor))
+    midi.tracks.append(events_to_track(conductor))
     for voice in sorted({n.voice for n in score.notes}):
         channel = voice_channel(voice)
         events: list[tuple[int, int, mido.Message]] = []
@@ -224,7 +224,7 @@ def score_to_midifile(score: Score) -> mido.MidiFile:
                 "note_on", note=n.pitch, velocity=n.velocity, channel=channel)))
             events.append((n.onset_tick + n.duration_tick, 0, mido.Message(
                 "note_off", note=n.pitch, velocity=0, channel=channel)))
-        track = _to_track(events)
+        track = events_to_track(events)
         track.insert(0, mido.MetaMessage("track_name", name=f"voice {voice}"))
         midi.tracks.append(track)
     return midi
@@ -236,7 +236,8 @@ def voice_channel(voice: int) -> int:
     return channel if channel < 9 else channel + 1
 
 
-def _to_track(events: list[tuple[int, int, mido.Message | mido.MetaMessage]]) -> mido.MidiTrack:
+def events_to_track(events: list[tuple[int, int, mido.Message | mido.MetaMessage]]) -> mido.MidiTrack:
+    """A track from ``(absolute tick, order at the same tick, message)``, with delta times."""
     track = mido.MidiTrack()
     now = 0
     for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):

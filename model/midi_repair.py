@@ -34,8 +34,9 @@ the returned ``MidiFile.tracks``):
   whole otherwise.
 
 "Parses cleanly" means: the next :data:`MIN_CLEAN_EVENTS` events (or all events up to End-of-Track)
-frame without any fault a strict ``mido`` read would raise. A well-formed file never triggers a
-repair, so it reads exactly as ``mido.MidiFile(file=...)`` reads it.
+frame without any fault a strict ``mido`` read would raise. A file that a strict ``mido`` read
+accepts triggers no repair and gives the same tracks as ``mido.MidiFile(file=...)``, except that
+track chunks beyond the header's track count, which mido ignores, are read here too.
 """
 
 from __future__ import annotations
@@ -400,8 +401,12 @@ class _TrackReader:
                       event.payload[:-best_cut], event.meta_type)
 
     def _recover(self, fault: _Fault) -> bool:
-        """Handle a framing fault at the current position; False ends the track."""
-        if fault.kind == "eof":
+        """Handle a framing fault at the current position; False ends the track.
+
+        Running into the end of the file is truncation only if no track header follows;
+        otherwise a length (meta or sysex) is corrupt, and bytes are skipped instead.
+        """
+        if fault.kind == "eof" and self.data.find(TRACK_ID, self.pos + 1) < 0:
             size = len(self.data) - self.pos
             self.log.note(self.where, f"truncated: last event cut off by the end of the file "
                                       f"({size} bytes dropped; {self._declared_text()})"

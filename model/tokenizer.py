@@ -263,6 +263,10 @@ class Tokenizer:
             if key.kind in (NOTE, REST):
                 self._durations_at.setdefault((key.kind, key.a, key.c), []).append(key.b)
         self._dna_static = self._build_dna_static()
+        self._kinds = np.array([k.kind for k in self.vocab], dtype=np.int64)
+        self._positions = np.array([max(k.c, 0) for k in self.vocab], dtype=np.float64)
+        self._bar_lengths = np.array([self.bar_length(t) or 0 for t in range(len(self.vocab))],
+                                     dtype=np.float64)
 
     @property
     def vocab_size(self) -> int:
@@ -511,8 +515,8 @@ class Tokenizer:
         return max(1, math.ceil(Fraction(4 * self.config.grid_per_beat * key.a, key.b)))
 
     def kinds(self, ids: np.ndarray) -> np.ndarray:
-        kinds = np.array([k.kind for k in self.vocab], dtype=np.int64)
-        return kinds[ids]
+        """Token kind (PAD, BOS, EOS, UNK, BAR, REST, NOTE) of every id."""
+        return self._kinds[ids]
 
     def dna(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray]:
         """DNA of every event: ``(floats (T, 7) float32, voice slots (T,) int64)``."""
@@ -522,11 +526,10 @@ class Tokenizer:
         floats[:, :4] = self._dna_static[ids]
         # Bar length in force at each event: forward-fill the lengths of BAR tokens (4/4 before any).
         default = 4 * self.config.grid_per_beat
-        lengths = np.array([self.bar_length(t) or 0 for t in range(len(self.vocab))], dtype=np.float64)
         at_bar = np.where(kinds == BAR, np.arange(len(ids)), -1)
         last_bar = np.maximum.accumulate(at_bar)
-        bar_len = np.where(last_bar >= 0, lengths[ids[np.maximum(last_bar, 0)]], default)
-        positions = np.array([k.c for k in self.vocab], dtype=np.float64)[ids]
+        bar_len = np.where(last_bar >= 0, self._bar_lengths[ids[np.maximum(last_bar, 0)]], default)
+        positions = self._positions[ids]
         timed = (kinds == NOTE) | (kinds == REST) | (kinds == BAR)
         angle = 2 * np.pi * np.where(kinds == BAR, 0.0, positions) / bar_len
         floats[:, 4] = np.where(timed, np.sin(angle), 0.0)

@@ -6,6 +6,8 @@ import io
 
 import mido
 
+from model.midi_io import events_to_track
+
 
 def build_midi(notes: list[tuple[float, float, int]] | list[tuple[float, float, int, int, int]],
                *, time_signatures: list[tuple[float, int, int]] = ((0, 4, 4),),
@@ -33,20 +35,12 @@ def build_midi(notes: list[tuple[float, float, int]] | list[tuple[float, float, 
     midi = mido.MidiFile(type=midi_type, ticks_per_beat=ticks_per_beat)
     if midi_type == 0:
         merged = meta + [e for voice in sorted(events) for e in events[voice]]
-        midi.tracks.append(_track(merged))
+        midi.tracks.append(events_to_track(merged))
     else:
-        midi.tracks.append(_track(meta))
+        midi.tracks.append(events_to_track(meta))
         for voice in sorted(events):
-            midi.tracks.append(_track(events[voice]))
+            midi.tracks.append(events_to_track(events[voice]))
     out = io.BytesIO()
     midi.save(file=out)
     return out.getvalue()
 
-
-def _track(events: list[tuple[int, int, mido.Message]]) -> mido.MidiTrack:
-    track = mido.MidiTrack()
-    now = 0
-    for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):
-        track.append(msg.copy(time=tick - now))
-        now = tick
-    return track

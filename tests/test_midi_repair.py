@@ -270,6 +270,19 @@ def test_undefined_status_byte_is_dropped_keeping_time() -> None:
     assert (report.dropped_events, report.dropped_bytes) == (1, 2)
 
 
+def test_meta_length_past_end_of_file_before_another_track_is_skipped() -> None:
+    # A corrupt text length (0x7FFF) in track 0 cannot mean truncation: another track follows.
+    body = b"\x00\xff\x01\x81\xff\x7fabc" + scale_track(0, [60, 62, 64, 65, 67]) + END
+    data = header(2) + chunk(body) + chunk(scale_track(1, [48]) + END)
+    assert strict_fails(data)
+
+    midi, report = read_tolerant(data)
+
+    assert notes_of(midi) == scale_notes(0, [60, 62, 64, 65, 67]) + scale_notes(1, [48])
+    assert "track 0: 9 unreadable bytes skipped (eof)" in problems_text(report)
+    assert (report.dropped_events, report.dropped_bytes) == (1, 9)
+
+
 @pytest.mark.parametrize(("data", "message"), [
     (b"", "empty data"),
     (b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00", "not a MIDI file"),
