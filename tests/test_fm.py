@@ -1,0 +1,134 @@
+"""The Field Machine: the O(1) batched step computes exactly what the parallel pass computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.fm import FieldMachine, FieldState, ModelConfig, sequence_loss
+
+VARIANTS = [("field", False), ("demod", False), ("demod", True), ("field", True)]
+IDS = ["field", "demod", "demod+direct", "field+direct"]
+
+
+def make_model(readout: str, direct: bool, dim: int = 64, seed: int = 0) -> FieldMachine:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=50, dim=dim, decoder_hidden=48, decoder_layers=3,
+                         dropout=0.0, readout=readout, direct=direct)
+    return FieldMachine(config).eval().double().float()
+
+
+def random_tokens(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    dna = torch.rand(batch, length, 7, generator=g) * 2 - 1
+    slots = torch.randint(0, 22, (batch, length), generator=g)
+    return dna, slots
+
+
+def step_through(model: FieldMachine, dna: torch.Tensor, slots: torch.Tensor,
+                 state: FieldState | None = None) -> torch.Tensor:
+    batch, length = slots.shape
+    state = state or FieldState.empty(batch, model.config.dim)
+    logits = []
+    for t in range(length):
+        out, state = model.step(state, dna[:, t], slots[:, t])
+        logits.append(out.logits)
+    return torch.stack(logits, dim=1)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= 1e-4 * max(scale, 1.0), ((a - b).abs().max(), scale)
+
+
+@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
+def test_step_reproduces_parallel_logits_over_2048_tokens(readout, direct):
+    model = make_model(readout, direct)
+    dna, slots = random_tokens(1, 2048)
+    with torch.no_grad():
+        parallel = model(dna, slots).logits
+    close(step_through(model, dna, slots), parallel)
+
+
+@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
+def test_step_matches_parallel_past_position_20000(readout, direct):
+    model = make_model(readout, direct, dim=32)
+    dna, slots = random_tokens(1, 20_064)
+    with torch.no_grad():
+        parallel = model(dna, slots).logits
+        _, state = model(dna[:, :20_000], slots[:, :20_000], return_state=True)
+    assert state.position.item() == 20_000
+    close(step_through(model, dna[:, 20_000:], slots[:, 20_000:], state), parallel[:, 20_000:])
+
+
+@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
+def test_streams_stepped_together_equal_streams_stepped_alone(readout, direct):
+    model = make_model(readout, direct)
+    dna, slots = random_tokens(4, 40)
+    # Streams at different positions: stream i has already taken 10 * i tokens.
+    states = []
+    for i in range(4):
+        s = FieldState.empty(1, model.config.dim)
+        for t in range(10 * i):
+            _, s = model.step(s, dna[i:i + 1, t], slots[i:i + 1, t])
+        states.append(s)
+    together = FieldState(torch.cat([s.field for s in states]), torch.cat([s.position for s in states]))
+    out, after = model.step(together, dna[:, -1], slots[:, -1])
+    for i in range(4):
+        alone, alone_state = model.step(states[i], dna[i:i + 1, -1], slots[i:i + 1, -1])
+        torch.testing.assert_close(out.logits[i:i + 1], alone.logits, rtol=1e-5, atol=1e-5)
+        assert after.position[i].item() == alone_state.position.item() == 10 * i + 1
+
+
+def test_state_size_does_not_grow():
+    model = make_model("demod", True)
+    dna, slots = random_tokens(3, 1)
+    state = FieldState.empty(3, model.config.dim)
+    sizes = {}
+    for t in range(10_000):
+        _, state = model.step(state, dna[:, 0], slots[:, 0])
+        if t + 1 in (10, 10_000):
+            sizes[t + 1] = state.nbytes()
+    assert sizes[10] == sizes[10_000] == 3 * (64 * 4 + 8)
+
+
+def test_padding_on_the_right_does_not_change_real_positions():
+    model = make_model("demod", True)
+    dna, slots = random_tokens(2, 30)
+    with torch.no_grad():
+        short = model(dna[:1, :17], slots[:1, :17]).logits
+        padded = model(dna, slots).logits  # row 0 "padded" with 13 extra tokens
+    torch.testing.assert_close(padded[0, :17], short[0], rtol=1e-5, atol=1e-5)
+
+
+def test_position_code_is_exact_at_30000():
+    model = make_model("field", False, dim=4096).to(torch.bfloat16)  # weights' dtype must not matter
+    code = model.position_code(torch.tensor([30_000]))
+    i = torch.arange(0, 4096, 2, dtype=torch.float64)
+    exact = 30_000 * 32768.0 ** (-i / 4096)
+    torch.testing.assert_close(code[0, 0::2].double(), torch.sin(exact), atol=1e-6, rtol=0)
+    torch.testing.assert_close(code[0, 1::2].double(), torch.cos(exact), atol=1e-6, rtol=0)
+
+
+def test_loss_and_heads_train():
+    model = make_model("demod", True)
+    model.train()
+    dna, slots = random_tokens(2, 12)
+    targets = torch.randint(0, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        out = model(dna, slots)
+        loss = sequence_loss(out, targets, torch.zeros_like(targets), torch.ones_like(targets),
+                             mask, torch.ones_like(mask))
+        opt.zero_grad()
+        loss["total"].backward()
+        opt.step()
+        losses.append(loss["token"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="readout must be one of"):
+        ModelConfig(vocab_size=50, readout="attention")
