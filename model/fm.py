@@ -28,7 +28,7 @@ Shapes: B streams or sequences, T positions, V vocabulary, D = ``dim``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,30 +42,18 @@ READOUTS = ("field", "demod")
 class ModelConfig:
     """Every hyper-parameter of the model. Checkpoints store ``asdict(config)``."""
 
-    vocab_size: int
-    """Token vocabulary size (from the tokenizer)."""
-    voice_slots: int = 22
-    """Rows of the voice embedding: note voices plus one slot per non-note kind (tokenizer)."""
-    max_voices: int = 16
-    """Outputs of the voice head."""
-    velocity_levels: int = 8
-    """Outputs of the velocity head."""
-    dim: int = 4096
-    """Width of the field."""
-    decoder_layers: int = 3
-    """Hidden layers of the MLP decoder."""
-    decoder_hidden: int = 2048
-    """Width of the decoder's hidden layers."""
-    dropout: float = 0.1
-    """Dropout in the decoder."""
-    voice_embedding: int = 16
-    """Width of the learned voice embedding in the DNA."""
-    position_base: float = 32768.0
-    """Base of the sinusoidal position code."""
-    readout: str = "demod"
-    """How the decoder reads the field: 'field' (the seed's) or 'demod'."""
-    direct: bool = True
-    """Concatenate the current token's projection to the decoder input."""
+    vocab_size: int = field(metadata={"help": 'Token vocabulary size (from the tokenizer).'})
+    voice_slots: int = field(default=22, metadata={"help": 'Rows of the voice embedding: note voices plus one slot per non-note kind (tokenizer).'})
+    max_voices: int = field(default=16, metadata={"help": 'Outputs of the voice head.'})
+    velocity_levels: int = field(default=8, metadata={"help": 'Outputs of the velocity head.'})
+    dim: int = field(default=4096, metadata={"help": 'Width of the field.'})
+    decoder_layers: int = field(default=3, metadata={"help": 'Hidden layers of the MLP decoder.'})
+    decoder_hidden: int = field(default=2048, metadata={"help": "Width of the decoder's hidden layers."})
+    dropout: float = field(default=0.1, metadata={"help": 'Dropout in the decoder.'})
+    voice_embedding: int = field(default=16, metadata={"help": 'Width of the learned voice embedding in the DNA.'})
+    position_base: float = field(default=32768.0, metadata={"help": 'Base of the sinusoidal position code.'})
+    readout: str = field(default="demod", metadata={"help": "How the decoder reads the field: 'field' (the seed's) or 'demod'."})
+    direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:

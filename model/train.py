@@ -1,0 +1,345 @@
+"""Train a Field Machine on a folder of MIDI files: ``python -m model.train --midi_dir DIR``.
+
+Files are split deterministically into training and validation sets (``--val_fraction``); the
+tokenizer's vocabulary and the unigram/bigram baselines are fitted on the training files only.
+Checkpoints go to ``--out_dir`` (see :mod:`model.checkpoint`): ``latest`` (resume target),
+``best`` (lowest validation loss), one per epoch, and timed ones every ``--save_minutes``.
+Training resumes from ``latest`` unless ``--fresh``. Ctrl-C saves ``latest`` and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import checkpoint as ckpt
+from model.baselines import Baselines
+from model.cli import add_dataclass_arguments, dataclass_from_args
+from model.data import load_corpus
+from model.fm import FieldMachine, ModelConfig, sequence_loss
+from model.tokenizer import NOTE, Tokenizer, TokenSequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting (the model's live in :class:`model.fm.ModelConfig`)."""
+
+    midi_dir: str = field(metadata={"help": "folder of MIDI files (searched recursively)"})
+    out_dir: str = field(default="runs/fm", metadata={"help": "folder for checkpoints and logs"})
+    epochs: int = field(default=100, metadata={"help": "passes over the training files"})
+    batch_size: int = field(default=8, metadata={"help": "sequences (windows) per step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps, then cosine decay"})
+    min_seq_len: int = field(default=8, metadata={"help": "files with fewer tokens are left out"})
+    max_seq_len: int = field(default=2048, metadata={
+        "help": "longest training window in tokens; longer files are cut into windows"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of files held out for validation"})
+    save_steps: int = field(default=500, metadata={"help": "save latest every N steps"})
+    save_minutes: float = field(default=30.0, metadata={"help": "timed checkpoint every N minutes (0 = off)"})
+    print_steps: int = field(default=10, metadata={"help": "log a row to training_log.csv every N steps"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA and on CPUs with AVX-512, else fp32), bf16 or fp32",
+        "choices": ("auto", "bf16", "fp32")})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    retokenize: bool = field(default=False, metadata={"help": "ignore the token cache and re-read every file"})
+    fresh: bool = field(default=False, metadata={"help": "ignore an existing checkpoint and start clean"})
+    cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.data's)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit)"})
+
+
+MODEL_FLAGS_FROM_DATA = ("vocab_size", "voice_slots", "max_voices", "velocity_levels")
+
+
+@dataclass
+class Example:
+    """One tokenized file as the model reads it."""
+
+    ids: np.ndarray
+    dna: np.ndarray  # (T, 7)
+    slots: np.ndarray
+    velocity: np.ndarray
+    voice: np.ndarray
+    is_note: np.ndarray
+
+
+def make_example(sequence: TokenSequence, tokenizer: Tokenizer) -> Example:
+    dna, slots = tokenizer.dna(sequence)
+    return Example(sequence.ids, dna, slots, sequence.velocity,
+                   np.minimum(sequence.voice, tokenizer.config.max_voices - 1),
+                   tokenizer.kinds(sequence.ids) == NOTE)
+
+
+def windows(examples: list[Example], max_len: int, rng: np.random.Generator | None) -> list[tuple[int, int, int]]:
+    """(example, start, stop) windows of at most ``max_len + 1`` tokens (inputs plus one target).
+
+    With ``rng`` the window grid gets a random offset per file (a new cut every epoch).
+    """
+    out = []
+    for i, ex in enumerate(examples):
+        n = len(ex.ids)
+        offset = int(rng.integers(0, max_len)) if rng is not None and n > max_len + 1 else 0
+        starts = [0] + list(range(offset or max_len, n - 1, max_len))
+        for a, b in zip(starts, starts[1:] + [n - 1]):
+            if b > a:
+                out.append((i, a, min(b, a + max_len) + 1))
+    return out
+
+
+def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad windows on the right into tensors; ``mask`` marks real targets."""
+    length = max(b - a for _, a, b in batch) - 1
+    size = len(batch)
+    dna = np.zeros((size, length, 7), np.float32)
+    slots = np.zeros((size, length), np.int64)
+    targets = np.zeros((size, length), np.int64)
+    velocity = np.zeros((size, length), np.int64)
+    voice = np.zeros((size, length), np.int64)
+    is_note = np.zeros((size, length), bool)
+    mask = np.zeros((size, length), bool)
+    for row, (i, a, b) in enumerate(batch):
+        ex, n = examples[i], b - a - 1
+        dna[row, :n], slots[row, :n] = ex.dna[a:b - 1], ex.slots[a:b - 1]
+        targets[row, :n], velocity[row, :n] = ex.ids[a + 1:b], ex.velocity[a + 1:b]
+        voice[row, :n], is_note[row, :n] = ex.voice[a + 1:b], ex.is_note[a + 1:b]
+        mask[row, :n] = True
+    arrays = dict(dna=dna, slots=slots, targets=targets, velocity=velocity, voice=voice,
+                  is_note=is_note, mask=mask)
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast where it is faster: CUDA, and CPUs with AVX-512 (bf16/AMX units)."""
+    if name == "auto":
+        fast_cpu = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return torch.bfloat16 if device.type == "cuda" or fast_cpu else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validation_loss(model: FieldMachine, examples: list[Example], cfg: TrainConfig,
+                    device: torch.device, dtype: torch.dtype) -> float | None:
+    """Mean next-token NLL (nats/token) over every validation token."""
+    if not examples:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    spans = windows(examples, cfg.max_seq_len, None)
+    for k in range(0, len(spans), cfg.batch_size):
+        batch = collate(examples, spans[k:k + cfg.batch_size], device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(batch["dna"], batch["slots"])
+        n = int(batch["mask"].sum())
+        loss = sequence_loss(out, batch["targets"], batch["velocity"], batch["voice"],
+                             batch["mask"], batch["is_note"])["token"]
+        total += loss.item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+class Trainer:
+    """Owns the run: data, model, optimizer, schedule, checkpoints and the progress display."""
+
+    def __init__(self, cfg: TrainConfig, model_flags: dict) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.dirs = ckpt.checkpoint_dirs(self.out)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+
+        corpus = load_corpus(cfg.midi_dir, cache_dir=cfg.cache_dir or None,
+                             use_cache=not cfg.retokenize)
+        for path, reason in corpus.skipped:
+            logger.warning("skipped %s: %s", path, reason)
+        train_files, val_files = corpus.split(cfg.val_fraction)
+        resume = None if cfg.fresh else self._resume_point()
+        if resume is not None:
+            self.tokenizer = resume.tokenizer
+            self.model_config = ModelConfig(**resume.model_config)
+        else:
+            self.tokenizer = Tokenizer().fit(f.events for f in train_files)
+            tc = self.tokenizer.config
+            self.model_config = ModelConfig(
+                vocab_size=self.tokenizer.vocab_size, voice_slots=tc.voice_slots,
+                max_voices=tc.max_voices, velocity_levels=len(tc.velocity_levels), **model_flags)
+        encode = self.tokenizer.encode_events
+        train_seqs = [encode(f.events) for f in train_files]
+        self.train = [make_example(s, self.tokenizer) for s in train_seqs if len(s) >= cfg.min_seq_len]
+        self.val = [make_example(encode(f.events), self.tokenizer) for f in val_files]
+        self.val_files = [f.path for f in val_files]
+        self.baselines = Baselines.fit([s.ids for s in train_seqs], self.tokenizer.vocab_size)
+        logger.info("files: %d train, %d validation, %d skipped; vocabulary %d",
+                    len(self.train), len(self.val), len(corpus.skipped), self.tokenizer.vocab_size)
+
+        self.model = FieldMachine(self.model_config).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.step, self.epoch, self.best = 0, 0, math.inf
+        if resume is not None:
+            ckpt.check_state_dict(self.model, resume.state_dict, resume.path)
+            self.model.load_state_dict(resume.state_dict)
+            state = ckpt.load_optimizer_state(resume.path)
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+            self.step, self.epoch = resume.step, resume.epoch
+            best = ckpt.load_checkpoint(self.dirs["best"]) if self.dirs["best"].exists() else None
+            self.best = best.val_loss if best and best.val_loss is not None else math.inf
+            logger.info("resumed from %s at step %d, epoch %d", resume.path, self.step, self.epoch)
+        self.steps_per_epoch = math.ceil(len(windows(self.train, cfg.max_seq_len, None)) / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    def _resume_point(self) -> ckpt.Checkpoint | None:
+        if not self.dirs["latest"].exists():
+            return None
+        return ckpt.load_checkpoint(self.dirs["latest"])
+
+    def save(self, name: str | Path, val_loss: float | None) -> Path:
+        directory = self.dirs[name] if isinstance(name, str) else name
+        return ckpt.save_checkpoint(
+            directory, model=self.model, model_config=self.model_config, tokenizer=self.tokenizer,
+            step=self.step, epoch=self.epoch, val_loss=val_loss, train_config=self.cfg,
+            optimizer=self.optimizer, extras=self.baselines.to_tensors())
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        last_timed = started
+        tokens_seen = 0
+        val = None
+        interrupted = False
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   desc="training", disable=None)
+        self.model.train()
+        try:
+            while self.epoch < cfg.epochs:
+                spans = windows(self.train, cfg.max_seq_len, self.rng)
+                order = self.rng.permutation(len(spans))
+                for k in range(0, len(order), cfg.batch_size):
+                    batch = collate(self.train, [spans[j] for j in order[k:k + cfg.batch_size]], self.device)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr_at(self.step, self.total_steps, cfg)
+                    with torch.autocast(self.device.type, dtype=self.dtype,
+                                        enabled=self.dtype != torch.float32):
+                        out = self.model(batch["dna"], batch["slots"])
+                    losses = sequence_loss(out, batch["targets"], batch["velocity"], batch["voice"],
+                                           batch["mask"], batch["is_note"])
+                    self.optimizer.zero_grad(set_to_none=True)
+                    losses["total"].backward()
+                    grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                                 if cfg.grad_clip > 0 else torch.zeros(()))
+                    self.optimizer.step()
+                    self.step += 1
+                    n = int(batch["mask"].sum())
+                    tokens_seen += n
+                    elapsed = time.perf_counter() - started
+                    rate = tokens_seen / max(elapsed, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{losses['token'].item():.3f}",
+                                    val="-" if val is None else f"{val:.3f}", tok_s=f"{rate:,.0f}")
+                    if self.step % cfg.print_steps == 0:
+                        ckpt.append_log_row(self.out, {
+                            "step": self.step, "epoch": self.epoch + 1, "loss": round(losses["token"].item(), 5),
+                            "velocity_loss": round(losses["velocity"].item(), 5),
+                            "voice_loss": round(losses["voice"].item(), 5),
+                            "val_loss": "" if val is None else round(val, 5),
+                            "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
+                            "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(rate),
+                            "elapsed_s": round(elapsed, 1)})
+                    if self.step % cfg.save_steps == 0:
+                        self.save("latest", val)
+                    if cfg.save_minutes > 0 and time.perf_counter() - last_timed > 60 * cfg.save_minutes:
+                        self.save(self.out / time.strftime("timed_%Y%m%d_%H%M%S"), val)
+                        last_timed = time.perf_counter()
+                    if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
+                        raise TimeoutError
+                self.epoch += 1
+                val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
+                self._end_of_epoch(val)
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning("interrupted: saving %s", self.dirs["latest"])
+        except TimeoutError:
+            logger.warning("--max_minutes reached: stopping")
+            val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
+            self._end_of_epoch(val, per_epoch=False)
+        finally:
+            bar.close()
+        self.save("latest", val)
+        stats = {"steps": self.step, "epochs": self.epoch, "val_loss": val,
+                 "best_val_loss": None if math.isinf(self.best) else self.best,
+                 "seconds": round(time.perf_counter() - started, 1), "tokens": tokens_seen,
+                 "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
+                 "parameters": self.model.parameter_count(), "device": str(self.device),
+                 "precision": str(self.dtype).removeprefix("torch."),
+                 "train_files": len(self.train), "val_files": self.val_files,
+                 "vocab_size": self.tokenizer.vocab_size, "interrupted": interrupted,
+                 "model": asdict(self.model_config)}
+        ckpt.write_json(self.out / "run_stats.json", stats)
+        return stats
+
+    def _end_of_epoch(self, val: float | None, per_epoch: bool = True) -> None:
+        if per_epoch:
+            self.save(f"epoch_{self.epoch:03d}", val)
+        if val is not None and val < self.best:
+            self.best = val
+            self.save("best", val)
+        logger.info("epoch %d: validation loss %s", self.epoch, "-" if val is None else f"{val:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(parser, TrainConfig)
+    add_dataclass_arguments(parser, ModelConfig, exclude=MODEL_FLAGS_FROM_DATA)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = dataclass_from_args(TrainConfig, args)
+    model_flags = {name: getattr(args, name) for name in ModelConfig.__dataclass_fields__
+                   if name not in MODEL_FLAGS_FROM_DATA}
+    try:
+        trainer = Trainer(cfg, model_flags)
+    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill = Ctrl-C: save and exit
+    stats = trainer.run()
+    print(f"done: {stats['steps']} steps, {stats['epochs']} epochs, validation loss "
+          f"{stats['val_loss']}, best {stats['best_val_loss']}, {stats['tokens_per_s']} tokens/s; "
+          f"checkpoints in {cfg.out_dir}")
+    return 130 if stats["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
