@@ -165,11 +165,13 @@ class FieldMachine(nn.Module):
         return FMOutput(self.token_head(h), self.velocity_head(h), self.voice_head(h))
 
     # ----------------------------------------------------------------- training
-    def forward(self, dna: Tensor, voice_slots: Tensor, *,
+    def forward(self, dna: Tensor, voice_slots: Tensor, *, start: FieldState | None = None,
                 return_state: bool = False) -> FMOutput | tuple[FMOutput, FieldState]:
-        """Parallel pass over (B, T) sequences, each starting at position 0.
+        """Parallel pass over (B, T) sequences.
 
-        ``dna`` (B, T, 7), ``voice_slots`` (B, T). Sequences of different lengths are padded on
+        ``dna`` (B, T, 7), ``voice_slots`` (B, T). Each row starts at position 0 with an empty
+        field, or continues from ``start`` (its field and positions), so a long sequence can be
+        processed in chunks with the same result. Sequences of different lengths are padded on
         the right: padding only adds to the field after a sequence's last real token, so it never
         reaches a real position (mask it out of the loss). Output at t predicts token t+1.
         With ``return_state``, also the :class:`FieldState` after the last position of each row.
@@ -177,13 +179,17 @@ class FieldMachine(nn.Module):
         batch, length = voice_slots.shape
         current = self.embed(dna, voice_slots)  # (B, T, D)
         positions = torch.arange(length, device=voice_slots.device)  # (T,), broadcast over B
+        if start is not None:
+            positions = start.position.unsqueeze(1) + positions  # (B, T)
         field = torch.cumsum(current.float() * self.position_code(positions), dim=1)
+        if start is not None:
+            field = field + start.field.unsqueeze(1)
         out = self.decode(self.readout(field, positions, current))
         if not return_state:
             return out
-        state = FieldState(field[:, -1].contiguous(),
-                           torch.full((batch,), length, dtype=torch.int64, device=field.device))
-        return out, state
+        end = start.position + length if start is not None else torch.full(
+            (batch,), length, dtype=torch.int64, device=field.device)
+        return out, FieldState(field[:, -1].contiguous(), end)
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()

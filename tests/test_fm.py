@@ -132,3 +132,14 @@ def test_loss_and_heads_train():
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="readout must be one of"):
         ModelConfig(vocab_size=50, readout="attention")
+
+
+@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
+def test_chunked_forward_equals_one_pass(readout, direct):
+    model = make_model(readout, direct)
+    dna, slots = random_tokens(2, 300)
+    with torch.no_grad():
+        whole = model(dna, slots).logits
+        first, state = model(dna[:, :120], slots[:, :120], return_state=True)
+        second = model(dna[:, 120:], slots[:, 120:], start=state).logits
+    close(torch.cat([first.logits, second], dim=1), whole)

@@ -1,0 +1,103 @@
+"""Batched generation: many streams, each one field, advanced together one token at a time.
+
+Used by ``python -m model.generate`` and by the server's engine. Per stream the host keeps a
+:class:`model.tokenizer.StreamDecoder` (bar position, for timing and for the beat angle of the
+next token's DNA); the device keeps the :class:`model.fm.FieldState` rows. A generated token's
+DNA is built with :meth:`Tokenizer.token_dna` from the token, the velocity and voice the model's
+heads chose, and the bar length in force, exactly as :meth:`Tokenizer.dna` builds it for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.fm import FieldMachine, FieldState, FMOutput
+from model.sampling import SamplingBatch, SamplingConfig, sample
+from model.tokenizer import BOS, EOS, PAD, UNK, DecodedNote, StreamDecoder, Tokenizer, TokenSequence
+
+NEVER_SAMPLED = (PAD, BOS, UNK)
+
+
+@dataclass
+class StreamStep:
+    """What one stream produced in one step."""
+
+    token: int
+    velocity: int  # level index
+    voice: int
+    note: DecodedNote | None
+
+
+class BatchGenerator:
+    """Primes and advances a batch of streams. Not thread-safe: one owner calls it."""
+
+    def __init__(self, model: FieldMachine, tokenizer: Tokenizer, *, allow_eos: bool = False) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.banned = torch.tensor(NEVER_SAMPLED + (() if allow_eos else (EOS,)), device=self.device)
+
+    def _tensors(self, floats: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(floats).to(self.device), torch.from_numpy(slots).to(self.device))
+
+    @torch.no_grad()
+    def prime(self, prompt: TokenSequence | None) -> tuple[FieldState, FMOutput, StreamDecoder]:
+        """Read a prompt (BOS is added if missing; EOS dropped) in one parallel pass.
+
+        Returns the stream's state, the output predicting its next token, and its decoder.
+        """
+        tok = self.tokenizer
+        if prompt is None or len(prompt) == 0:
+            prompt = TokenSequence(np.array([BOS]), np.zeros(1, np.int64), np.zeros(1, np.int64))
+        ids, vel, voice = prompt.ids, prompt.velocity, prompt.voice
+        if ids[-1] == EOS:
+            ids, vel, voice = ids[:-1], vel[:-1], voice[:-1]
+        if ids[0] != BOS:
+            zero = np.zeros(1, np.int64)
+            ids, vel, voice = (np.concatenate([[BOS], ids]), np.concatenate([zero, vel]),
+                               np.concatenate([zero, voice]))
+        sequence = TokenSequence(ids.astype(np.int64), vel.astype(np.int64), voice.astype(np.int64))
+        decoder = StreamDecoder(tok)
+        for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
+            decoder.push(t, v, s)
+        floats, slots = tok.dna(sequence)
+        dna, slot = self._tensors(floats[None], slots[None])
+        out, state = self.model(dna, slot, return_state=True)
+        last = FMOutput(out.logits[:, -1], out.velocity[:, -1], out.voice[:, -1])
+        return state, last, decoder
+
+    @torch.no_grad()
+    def advance(self, state: FieldState, out: FMOutput, decoders: list[StreamDecoder],
+                sampling: list[SamplingConfig], steps: list[int]) -> tuple[list[StreamStep], FieldState, FMOutput]:
+        """Sample every stream's next token from ``out`` and feed it back: one batched step.
+
+        ``steps`` are the per-stream counters that, with each stream's seed, fix its randomness.
+        """
+        logits = out.logits.float()
+        logits[:, self.banned] = float("-inf")
+        tokens = sample(logits, SamplingBatch.from_configs(sampling, steps, device=self.device))
+        velocity = out.velocity.argmax(-1)
+        voice = out.voice.argmax(-1)
+        tokens_np, velocity_np, voice_np = (t.cpu().numpy() for t in (tokens, velocity, voice))
+        results = []
+        bar_lengths = np.empty(len(decoders), dtype=np.float64)
+        for i, decoder in enumerate(decoders):
+            note = decoder.push(int(tokens_np[i]), int(velocity_np[i]), int(voice_np[i]))
+            bar_lengths[i] = decoder.bar_length
+            results.append(StreamStep(int(tokens_np[i]), int(velocity_np[i]), int(voice_np[i]), note))
+        floats, slots = self.tokenizer.token_dna(tokens_np, velocity_np, voice_np, bar_lengths)
+        dna, slot = self._tensors(floats, slots)
+        new_out, new_state = self.model.step(state, dna, slot)
+        return results, new_state, new_out
+
+
+def stack_states(states: list[FieldState]) -> FieldState:
+    return FieldState(torch.cat([s.field for s in states]), torch.cat([s.position for s in states]))
+
+
+def stack_outputs(outputs: list[FMOutput]) -> FMOutput:
+    return FMOutput(torch.cat([o.logits for o in outputs]), torch.cat([o.velocity for o in outputs]),
+                    torch.cat([o.voice for o in outputs]))
