@@ -1,0 +1,127 @@
+"""Held-out NLL next to baselines: ``python -m model.evaluate --checkpoint DIR --midi_dir DIR``.
+
+Every file of ``--midi_dir`` is tokenized with the checkpoint's tokenizer and scored whole (in
+chunks that carry the field over, which gives exactly the one-pass result). The unigram and
+bigram baselines were fitted on the checkpoint's own training split and stored in it. NLL is
+reported in nats per token and in bits per note (total bits over the files' notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import checkpoint as ckpt
+from model.baselines import Baselines
+from model.data import load_corpus
+from model.fm import FieldMachine, FieldState
+from model.tokenizer import Tokenizer, TokenSequence
+
+logger = logging.getLogger(__name__)
+CHUNK = 4096
+
+
+@torch.no_grad()
+def sequence_nll(model: FieldMachine, tokenizer: Tokenizer, sequence: TokenSequence,
+                 device: torch.device, chunk: int = CHUNK) -> float:
+    """Total next-token NLL (nats) of one sequence."""
+    floats, slots = tokenizer.dna(sequence)
+    dna = torch.from_numpy(floats).to(device)[None]
+    slot = torch.from_numpy(slots).to(device)[None]
+    targets = torch.from_numpy(sequence.ids[1:]).to(device)
+    state: FieldState | None = None
+    total = 0.0
+    for a in range(0, len(sequence) - 1, chunk):
+        b = min(a + chunk, len(sequence) - 1)
+        out, state = model(dna[:, a:b], slot[:, a:b], start=state, return_state=True)
+        total += torch.nn.functional.cross_entropy(out.logits[0].float(), targets[a:b],
+                                                   reduction="sum").item()
+    return total
+
+
+def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
+             cache_dir: str | None = None, split: str = "all") -> dict:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    model, tokenizer, loaded = ckpt.load_model(checkpoint, device=dev)
+    model.float()
+    if "baseline_unigram" not in loaded.extras:
+        raise ckpt.CheckpointError(f"{loaded.path}: the checkpoint holds no baselines")
+    baselines = Baselines.from_tensors(loaded.extras)
+    corpus = load_corpus(midi_dir, tokenizer.config, cache_dir=cache_dir)
+    if split != "all":
+        if not loaded.train_config:
+            raise ckpt.CheckpointError(f"{loaded.path}: no training settings stored, so no split")
+        train_files, val_files = corpus.split(loaded.train_config["val_fraction"])
+        corpus.files = val_files if split == "val" else train_files
+    sequences = [tokenizer.encode_events(f.events) for f in corpus.files]
+    model_nats = 0.0
+    for seq in tqdm(sequences, desc="scoring", unit="file", disable=None, leave=False):
+        model_nats += sequence_nll(model, tokenizer, seq, dev)
+    uni_nats, bi_nats, count = baselines.nll([s.ids for s in sequences])
+    notes = sum(f.events.note_count for f in corpus.files)
+    unknown = sum(s.unknown for s in sequences)
+    approximated = sum(s.approximated for s in sequences)
+    per_token = lambda nats: nats / max(count, 1)
+    bits_note = lambda nats: nats / math.log(2) / max(notes, 1)
+    return {
+        "checkpoint": str(loaded.path), "midi_dir": midi_dir,
+        "model_nll": per_token(model_nats), "unigram_nll": per_token(uni_nats),
+        "bigram_nll": per_token(bi_nats),
+        "model_bits_per_note": bits_note(model_nats), "unigram_bits_per_note": bits_note(uni_nats),
+        "bigram_bits_per_note": bits_note(bi_nats),
+        "split": split, "tokens": count, "notes": notes, "files": len(corpus.files),
+        "recovered": len(corpus.recovered),
+        "skipped": [{"path": p, "reason": r} for p, r in corpus.skipped],
+        "unknown_share": unknown / max(notes, 1), "nearest_duration_share": approximated / max(notes, 1),
+    }
+
+
+def format_table(r: dict) -> str:
+    rows = [
+        f"checkpoint  {r['checkpoint']}",
+        f"files       {r['files']} read ({r['recovered']} recovered), {len(r['skipped'])} skipped",
+        f"tokens      {r['tokens']} next-token targets, {r['notes']} notes; outside the vocabulary: "
+        f"{100 * r['unknown_share']:.2f}% UNK, {100 * r['nearest_duration_share']:.2f}% nearest duration",
+        "",
+        f"{'model':<10}{'nats/token':>12}{'bits/note':>12}",
+        f"{'FM':<10}{r['model_nll']:>12.4f}{r['model_bits_per_note']:>12.3f}",
+        f"{'unigram':<10}{r['unigram_nll']:>12.4f}{r['unigram_bits_per_note']:>12.3f}",
+        f"{'bigram':<10}{r['bigram_nll']:>12.4f}{r['bigram_bits_per_note']:>12.3f}",
+    ]
+    rows += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/fm/best)")
+    parser.add_argument("--midi_dir", required=True, help="folder of MIDI files to score")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    parser.add_argument("--cache_dir", default=None, help="token cache folder (default: model.data's)")
+    parser.add_argument("--split", default="all", choices=("all", "val", "train"),
+                        help="score every file, or only the checkpoint's validation or training "
+                             "files (the trainer's deterministic split of the same folder)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        result = evaluate(args.checkpoint, args.midi_dir, device=args.device,
+                          cache_dir=args.cache_dir, split=args.split)
+    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
