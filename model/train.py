@@ -214,19 +214,18 @@ class Trainer:
             if state is not None:
                 self.optimizer.load_state_dict(state)
             self.step, self.epoch = resume.step, resume.epoch
-            best = ckpt.load_checkpoint(self.dirs["best"]) if self.dirs["best"].exists() else None
+            best = ckpt.load_checkpoint(self.dirs.best) if self.dirs.best.exists() else None
             self.best = best.val_loss if best and best.val_loss is not None else math.inf
             logger.info("resumed from %s at step %d, epoch %d", resume.path, self.step, self.epoch)
         self.steps_per_epoch = math.ceil(len(windows(self.train, cfg.max_seq_len, None)) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
-        if not self.dirs["latest"].exists():
+        if not self.dirs.latest.exists():
             return None
-        return ckpt.load_checkpoint(self.dirs["latest"])
+        return ckpt.load_checkpoint(self.dirs.latest)
 
-    def save(self, name: str | Path, val_loss: float | None) -> Path:
-        directory = self.dirs[name] if isinstance(name, str) else name
+    def save(self, directory: Path, val_loss: float | None) -> Path:
         return ckpt.save_checkpoint(
             directory, model=self.model, model_config=self.model_config, tokenizer=self.tokenizer,
             step=self.step, epoch=self.epoch, val_loss=val_loss, train_config=self.cfg,
@@ -278,9 +277,9 @@ class Trainer:
                             "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(rate),
                             "elapsed_s": round(elapsed, 1)})
                     if self.step % cfg.save_steps == 0:
-                        self.save("latest", val)
+                        self.save(self.dirs.latest, val)
                     if cfg.save_minutes > 0 and time.perf_counter() - last_timed > 60 * cfg.save_minutes:
-                        self.save(self.out / time.strftime("timed_%Y%m%d_%H%M%S"), val)
+                        self.save(self.dirs.timed(), val)
                         last_timed = time.perf_counter()
                     if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
                         raise TimeoutError
@@ -289,14 +288,14 @@ class Trainer:
                 self._end_of_epoch(val)
         except KeyboardInterrupt:
             interrupted = True
-            logger.warning("interrupted: saving %s", self.dirs["latest"])
+            logger.warning("interrupted: saving %s", self.dirs.latest)
         except TimeoutError:
             logger.warning("--max_minutes reached: stopping")
             val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
             self._end_of_epoch(val, per_epoch=False)
         finally:
             bar.close()
-        self.save("latest", val)
+        self.save(self.dirs.latest, val)
         stats = {"steps": self.step, "epochs": self.epoch, "val_loss": val,
                  "best_val_loss": None if math.isinf(self.best) else self.best,
                  "seconds": round(time.perf_counter() - started, 1), "tokens": tokens_seen,
@@ -311,10 +310,10 @@ class Trainer:
 
     def _end_of_epoch(self, val: float | None, per_epoch: bool = True) -> None:
         if per_epoch:
-            self.save(f"epoch_{self.epoch:03d}", val)
+            self.save(self.dirs.epoch(self.epoch), val)
         if val is not None and val < self.best:
             self.best = val
-            self.save("best", val)
+            self.save(self.dirs.best, val)
         logger.info("epoch %d: validation loss %s", self.epoch, "-" if val is None else f"{val:.4f}")
 
 
