@@ -30,25 +30,25 @@ Top-k and top-p need each row's largest logits in descending order, then one cum
 probabilities and masks. A full sort of ``V`` is over 10x slower on CPU than ``torch.topk`` of the
 ``K = max(top_k) + 1`` largest, so only those candidates are taken; rows with top-p but no top-k
 start from 64 candidates, and the pool widens (x4) until every such nucleus fits. The extra
-candidate shows whether a tie runs past the k-th token; if so the pool widens too. Rows with
-neither rule keep an unbounded set and use the full vocabulary.
+candidate shows whether a tie runs past the k-th token; if so the pool widens too.
 
-Sampling (:func:`sample`) is inverse-CDF in token-id order over the kept tokens (the candidates
-re-sorted by id, or the whole row): weights ``w = exp(x - max x)``, zero where excluded,
-``cdf = cumsum(w)``, and the token is the first with ``cdf > u * cdf[-1]`` (``searchsorted``).
-Walking kept tokens in id order, not probability order, keeps tied tokens in a fixed order, so
-both paths draw the same token for the same ``u``. Probabilities are computed in float32 whatever
-the logits' dtype (bfloat16 and float16 included); the normaliser cancels, so no softmax is needed.
+Sampling (:func:`sample`) is inverse-CDF in token-id order over the kept tokens: weights
+``w = exp(x - max x)``, zero where excluded, ``cdf = cumsum(w)``, and the token is the first with
+``cdf > u * cdf[-1]`` (``searchsorted``). Rows with top-k or top-p walk their candidates re-sorted
+by id; rows with neither keep an unbounded set and walk the whole vocabulary (only those rows, so
+a row's path never depends on the others). Walking in id order, not probability order, keeps
+tied tokens in a fixed order. Weights are float32 whatever the logits' dtype (bfloat16 and
+float16 included); their sums are accumulated in float64, so a different summation order (pool
+width, batch shape, device) moves them by ~1e-16 only; the normaliser cancels, so no softmax.
 
 Randomness is counter-based, not stateful: ``u = stream_uniform(seed, step)`` hashes each
 stream's ``(seed, step)`` with Philox4x32-10 (Salmon et al., 2011; the generator behind
 ``curand``), written with int64 torch ops whose intermediates stay below 2**49 so nothing
 overflows, on CPU and CUDA alike. The token a stream draws therefore depends only on its logits,
 its settings, its seed and its step, never on the other streams in the batch, their order, or the
-global torch RNG; replaying a stream with the same seed replays its tokens. Caveat: the random
-number is exact, the float32 probabilities are not always bit-identical when the batch's shape or
-the device changes (reduction and SIMD paths differ in the last bit), which can change a token
-only when ``u`` falls within about one ulp of a CDF boundary (probability ~1e-7 per draw).
+global torch RNG; replaying a stream with the same seed replays its tokens. Caveat: ``u`` is exact
+but float32 ``exp`` may differ in the last bit between CPU code paths or devices, which can move
+a token only when ``u`` falls within such a rounding of a CDF boundary (~1e-7 per draw).
 
 Host syncs: choosing ``K`` reads ``max(top_k)`` on the host, and checking that every kept token is
 a candidate reads one flag: two small device-to-host copies per call, plus one per widening.
@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 SEED_LIMIT = 2**63  # seeds live in an int64 tensor
 SALT_LIMIT = 2**32  # the salt is one 32-bit word of the Philox counter
-MIN_TOP_P_CANDIDATES = 64  # first candidate pool for top-p rows without top-k
+MIN_CANDIDATES = 64  # first candidate pool for top-p or min-p rows without top-k
 FULL_SORT_FRACTION = 4  # K >= V / 4: a full sort is cheaper than topk
 
 _MASK32 = 0xFFFFFFFF
@@ -229,8 +229,10 @@ class _Cut:
 
     rowmax: Tensor  # (B, 1) largest tempered logit
     threshold: Tensor  # (B, 1)
-    # (values (B, W) tempered and descending, token ids (B, W)) holding every kept token of every
-    # row; None when some row keeps an unbounded set (neither top-k nor top-p).
+    limited: Tensor  # (B,) bool: top-k, top-p or min-p bounds the row's kept set
+    n_limited: int  # limited.sum()
+    # (values (B, W) tempered and descending, token ids (B, W)): every kept token of every
+    # limited row is among them; None when no row is limited.
     candidates: tuple[Tensor, Tensor] | None
 
 
@@ -260,15 +262,16 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
     log_min_p = torch.log(batch.min_p).unsqueeze(1)  # log(0) = -inf: min-p off
     k = torch.where(batch.top_k >= vocab, 0, batch.top_k)  # 0 = off
     wants_p = batch.top_p < 1
-    limited = (k > 0) | wants_p  # rows that keep a bounded set of tokens
-    open_nucleus = wants_p & (k == 0)  # top-p with nothing else bounding its size
-    max_k, n_open, n_limited = torch.stack([k.max(), open_nucleus.sum(), limited.sum()]).tolist()
+    ranked = (k > 0) | wants_p  # rows cut at a rank: top-k, top-p
+    limited = ranked | (batch.min_p > 0)  # rows whose kept set can be found among candidates
+    open_nucleus = wants_p & (k == 0)  # top-p over the whole row
+    max_k, n_open, n_limited = torch.stack([k.max(), (limited & (k == 0)).sum(), limited.sum()]).tolist()
     if n_limited == 0:
         rowmax = logits.amax(dim=1, keepdim=True) / temperature  # division is monotone
-        return _Cut(rowmax, rowmax + log_min_p, None)
+        return _Cut(rowmax, rowmax + log_min_p, limited, 0, None)
 
     # One candidate more than the largest k, so a tie with the k-th token is seen.
-    width = min(vocab, max(max_k + 1, MIN_TOP_P_CANDIDATES if n_open else 1))
+    width = min(vocab, max(max_k + 1, MIN_CANDIDATES if n_open else 1))
     row_mass = None
     while True:
         raw, ids = _largest(logits, width)
@@ -277,7 +280,7 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
         cum = torch.exp(values - rowmax).cumsum(dim=1, dtype=torch.float64)
         # top-p's reference mass: the top-k tokens', or the whole row's where top-k is off
         mass = cum.gather(1, (k.clamp(1, width) - 1).unsqueeze(1)).squeeze(1)
-        if n_open:
+        if open_nucleus.any() if n_open else False:
             if row_mass is None:
                 row_mass = _row_mass(logits, temperature, rowmax, open_nucleus)
             mass = torch.where(open_nucleus, row_mass, mass)
@@ -288,18 +291,18 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
         n_keep = torch.where(k > 0, torch.minimum(n_keep, k), n_keep)
         last_kept = values.gather(1, (n_keep - 1).unsqueeze(1))
         threshold = torch.maximum(rowmax + log_min_p,
-                                  torch.where(limited.unsqueeze(1), last_kept, -math.inf))
+                                  torch.where(ranked.unsqueeze(1), last_kept, -math.inf))
         if width == vocab:
             break
         # Every kept token must be a candidate: each limited row must drop its last candidate
-        # (ties and nuclei larger than the pool fail this), unless that one is -inf.
+        # (ties, and nuclei or min-p sets larger than the pool, fail this), unless it is -inf.
         last = values[:, -1:]
         spill = limited.unsqueeze(1) & (last >= threshold) & (last > -math.inf)
         if not bool(spill.any()):
             break
         width = min(vocab, width * 4)
         logger.debug("widening the candidate pool to %d of %d tokens", width, vocab)
-    return _Cut(rowmax, threshold, (values, ids) if n_limited == rows else None)
+    return _Cut(rowmax, threshold, limited, n_limited, (values, ids))
 
 
 def _row_mass(logits: Tensor, temperature: Tensor, rowmax: Tensor, where: Tensor) -> Tensor:
@@ -332,15 +335,32 @@ def sample(logits: Tensor, batch: SamplingBatch, salt: int = 0) -> Tensor:
     logits = logits.float()
     cut = _cut(logits, batch)
     u = stream_uniform(batch.seed, batch.step, salt)
-    if cut.candidates is not None:
-        # Every kept token is a candidate: walk them in token-id order, as the full path does.
-        values, ids = cut.candidates
-        ids, order = ids.sort(dim=1)
-        values = values.gather(1, order)
-        weights = torch.exp(values - cut.rowmax).masked_fill_(values < cut.threshold, 0.0)
-        return ids.gather(1, _inverse_cdf(weights, u).unsqueeze(1)).squeeze(1)
-    x = logits / batch.temperature.unsqueeze(1)
-    weights = torch.exp(x - cut.rowmax).masked_fill_(x < cut.threshold, 0.0)
+    if cut.n_limited == 0:
+        return _draw_from_vocabulary(logits, batch.temperature, cut.rowmax, cut.threshold, u)
+    tokens = _draw_from_candidates(cut, u)
+    if cut.n_limited == len(batch):
+        return tokens
+    # Rows without top-k or top-p draw from the whole vocabulary, and only they, so a row takes
+    # the same path whatever the rest of the batch is.
+    index = (~cut.limited).nonzero().squeeze(1)
+    rows = (t.index_select(0, index) for t in (logits, batch.temperature, cut.rowmax, cut.threshold, u))
+    return tokens.index_copy_(0, index, _draw_from_vocabulary(*rows))
+
+
+def _draw_from_candidates(cut: _Cut, u: Tensor) -> Tensor:
+    """Inverse-CDF over each row's candidates, walked in token-id order (valid on limited rows)."""
+    values, ids = cut.candidates
+    ids, order = ids.sort(dim=1)
+    values = values.gather(1, order)
+    weights = torch.exp(values - cut.rowmax).masked_fill_(values < cut.threshold, 0.0)
+    return ids.gather(1, _inverse_cdf(weights, u).unsqueeze(1)).squeeze(1)
+
+
+def _draw_from_vocabulary(logits: Tensor, temperature: Tensor, rowmax: Tensor, threshold: Tensor,
+                          u: Tensor) -> Tensor:
+    """Inverse-CDF over the whole vocabulary of each row."""
+    x = logits / temperature.unsqueeze(1)
+    weights = torch.exp(x - rowmax).masked_fill_(x < threshold, 0.0)
     return _inverse_cdf(weights, u)
 
 

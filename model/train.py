@@ -43,7 +43,7 @@ class TrainConfig:
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
-    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps, then cosine decay"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps (at most a tenth of the run), then cosine decay"})
     min_seq_len: int = field(default=8, metadata={"help": "files with fewer tokens are left out"})
     max_seq_len: int = field(default=2048, metadata={
         "help": "longest training window in tokens; longer files are cut into windows"})
@@ -139,9 +139,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    """Linear warm-up (over at most a tenth of the run), then cosine decay to a tenth of ``lr``."""
+    warmup = max(1, min(cfg.warmup_steps, total // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

@@ -16,3 +16,39 @@ def bach_dir() -> Path:
     if not BACH.is_dir():
         pytest.skip(f"corpus not found at {BACH}: these tests need ../shared beside the checkout")
     return BACH
+
+
+def tiny_corpus(root: Path, files: int = 12) -> Path:
+    """A folder of small two-voice pieces, different enough to have something to learn."""
+    from tests.midi_builders import build_midi
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        base = 55 + 2 * (i % 2)
+        notes = [(b * 0.5, 0.5, base + (0, 4, 7, 12)[b % 4], 80, 0) for b in range(64)]
+        notes += [(b * 2.0, 2.0, base - 12 + (0, 5)[b % 2], 60, 1) for b in range(16)]
+        meter = [(0, 3, 4)] if i % 3 == 0 else [(0, 4, 4)]
+        (root / f"piece{i:02d}.mid").write_bytes(build_midi(notes, time_signatures=meter))
+    return root
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A small model trained for 12 epochs on :func:`tiny_corpus`; returns the run folder."""
+    base = tmp_path_factory.mktemp("tiny")
+    corpus = tiny_corpus(base / "midi")
+    out = base / "run"
+    result = run_module("model.train", "--midi_dir", str(corpus), "--out_dir", str(out),
+                        "--epochs", "12", "--dim", "64", "--decoder_hidden", "64", "--batch_size", "4",
+                        "--max_seq_len", "64", "--warmup_steps", "10", "--lr", "1e-2", "--dropout", "0",
+                        "--val_fraction", "0.2", "--cache_dir", str(base / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -353,7 +353,7 @@ def test_bfloat16_logits_are_sampled_like_their_float32_values():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_draws_the_same_tokens_as_cpu():
+def test_cuda_draws_the_same_tokens_as_cpu_and_alone_as_in_a_batch():
     logits = random_logits(256, 5000, seed=12)
     configs = [with_seed(c, i) for i, c in enumerate(list(CONFIGS.values()) * 43)][:256]
     batch = batch_of(configs, steps=17)
@@ -361,8 +361,11 @@ def test_cuda_draws_the_same_tokens_as_cpu():
     on_cuda = sample(logits.cuda(), batch.to("cuda"))
     assert on_cuda.device.type == "cuda"
     assert (on_cuda.cpu() == on_cpu).float().mean() > 0.99  # equal up to last-bit float differences
-    u_cpu = stream_uniform(batch.seed, batch.step)
-    assert torch.equal(stream_uniform(batch.seed.cuda(), batch.step.cuda()).cpu(), u_cpu)
+    assert torch.equal(stream_uniform(batch.seed.cuda(), batch.step.cuda()).cpu(),
+                       stream_uniform(batch.seed, batch.step))
+    for i in range(0, 256, 3):
+        alone = sample(logits[i:i + 1].cuda(), batch_of([configs[i]], steps=17).to("cuda"))
+        assert alone.item() == on_cuda[i].item(), (i, configs[i])
 
 
 # --------------------------------------------------------------------------- configuration

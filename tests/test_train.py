@@ -1,0 +1,69 @@
+"""python -m model.train: the checkpoint set, resuming, best by validation loss, Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from model.checkpoint import load_checkpoint
+from tests.conftest import run_module, tiny_corpus
+
+
+def test_training_writes_the_checkpoint_set(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"latest", "best", "epoch_001", "epoch_002", "epoch_012", "training_log.csv",
+            "run_stats.json"} <= names
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors"):
+        assert (tiny_run / "latest" / name).is_file()
+    stats = json.loads((tiny_run / "run_stats.json").read_text())
+    assert stats["epochs"] == 12 and len(stats["val_files"]) >= 1
+    rows = list(csv.DictReader((tiny_run / "training_log.csv").open()))
+    assert rows and {"step", "loss", "val_loss", "tokens_per_s"} <= set(rows[0])
+    # The model learned something: validation loss far below uniform guessing.
+    vals = [load_checkpoint(tiny_run / f"epoch_{e:03d}").val_loss for e in range(1, 13)]
+    vocab = load_checkpoint(tiny_run / "latest").tokenizer.vocab_size
+    import math
+    assert min(vals) < 0.8 * math.log(vocab)
+    assert load_checkpoint(tiny_run / "best").val_loss == min(vals)
+
+
+def test_resume_continues_from_latest(tmp_path):
+    corpus = tiny_corpus(tmp_path / "midi", files=6)
+    common = ["--midi_dir", str(corpus), "--out_dir", str(tmp_path / "run"), "--dim", "16",
+              "--decoder_hidden", "16", "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c")]
+    assert run_module("model.train", *common, "--epochs", "1").returncode == 0
+    first = load_checkpoint(tmp_path / "run" / "latest")
+    result = run_module("model.train", *common, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr
+    second = load_checkpoint(tmp_path / "run" / "latest")
+    assert second.epoch == 2 and second.step == 2 * first.step
+    fresh = run_module("model.train", *common, "--epochs", "1", "--fresh")
+    assert fresh.returncode == 0 and load_checkpoint(tmp_path / "run" / "latest").step == first.step
+
+
+def test_interrupt_saves_latest_and_exits_cleanly(tmp_path):
+    corpus = tiny_corpus(tmp_path / "midi", files=6)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model.train", "--midi_dir", str(corpus), "--out_dir", str(tmp_path / "run"),
+         "--dim", "16", "--decoder_hidden", "16", "--max_seq_len", "64", "--epochs", "100000",
+         "--print_steps", "1", "--cache_dir", str(tmp_path / "c")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "training_log.csv"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) > 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert load_checkpoint(tmp_path / "run" / "latest").step >= 3
+
+
+def test_bad_midi_dir_is_a_clear_error(tmp_path):
+    result = run_module("model.train", "--midi_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "no such folder" in result.stderr
