@@ -52,7 +52,7 @@ class ModelConfig:
     dropout: float = field(default=0.1, metadata={"help": 'Dropout in the decoder.'})
     voice_embedding: int = field(default=16, metadata={"help": 'Width of the learned voice embedding in the DNA.'})
     position_base: float = field(default=32768.0, metadata={"help": 'Base of the sinusoidal position code.'})
-    readout: str = field(default="demod", metadata={"help": "How the decoder reads the field: 'field' (the seed's) or 'demod'."})
+    readout: str = field(default="demod", metadata={"help": "How the decoder reads the field: 'field' (the seed's) or 'demod'.", "choices": READOUTS})
     direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
 
     def __post_init__(self) -> None:

@@ -28,15 +28,16 @@ never depends on how a sort happened to order ties.
 
 Top-k and top-p need each row's largest logits in descending order, then one cumsum of their
 probabilities and masks. A full sort of ``V`` is over 10x slower on CPU than ``torch.topk`` of the
-``K = max(top_k) + 1`` largest, so only those candidates are taken; rows with top-p but no top-k
-start from 64 candidates, and the pool widens (x4) until every such nucleus fits. The extra
-candidate shows whether a tie runs past the k-th token; if so the pool widens too.
+``K = max(top_k) + 1`` largest, so only those candidates are taken; rows with top-p or min-p but
+no top-k start from 64 candidates. Where a row's kept set may run past its candidates (a wide
+nucleus or min-p set, or a tie past the k-th token, which the extra candidate shows), that row's
+pool alone widens x4, the others being padded with -inf, until every kept set fits.
 
 Sampling (:func:`sample`) is inverse-CDF in token-id order over the kept tokens: weights
 ``w = exp(x - max x)``, zero where excluded, ``cdf = cumsum(w)``, and the token is the first with
-``cdf > u * cdf[-1]`` (``searchsorted``). Rows with top-k or top-p walk their candidates re-sorted
-by id; rows with neither keep an unbounded set and walk the whole vocabulary (only those rows, so
-a row's path never depends on the others). Walking in id order, not probability order, keeps
+``cdf > u * cdf[-1]`` (``searchsorted``). Filtered rows walk their candidates re-sorted by id;
+rows with no filter at all walk the whole vocabulary (only those rows, so a row's path never
+depends on the others). Walking in id order, not probability order, keeps
 tied tokens in a fixed order. Weights are float32 whatever the logits' dtype (bfloat16 and
 float16 included); their sums are accumulated in float64, so a different summation order (pool
 width, batch shape, device) moves them by ~1e-16 only; the normaliser cancels, so no softmax.
@@ -51,7 +52,8 @@ but float32 ``exp`` may differ in the last bit between CPU code paths or devices
 a token only when ``u`` falls within such a rounding of a CDF boundary (~1e-7 per draw).
 
 Host syncs: choosing ``K`` reads ``max(top_k)`` on the host, and checking that every kept token is
-a candidate reads one flag: two small device-to-host copies per call, plus one per widening.
+a candidate reads the rows that spill: two small device-to-host copies per call, one more per
+widening.
 
 Every row needs at least one finite logit; ``-inf`` logits (masked tokens) are never drawn.
 """
@@ -265,22 +267,23 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
     ranked = (k > 0) | wants_p  # rows cut at a rank: top-k, top-p
     limited = ranked | (batch.min_p > 0)  # rows whose kept set can be found among candidates
     open_nucleus = wants_p & (k == 0)  # top-p over the whole row
-    max_k, n_open, n_limited = torch.stack([k.max(), (limited & (k == 0)).sum(), limited.sum()]).tolist()
+    counts = [k.max(), (limited & (k == 0)).sum(), open_nucleus.sum(), limited.sum()]
+    max_k, n_unranked, n_nucleus, n_limited = torch.stack(counts).tolist()  # one host sync
     if n_limited == 0:
         rowmax = logits.amax(dim=1, keepdim=True) / temperature  # division is monotone
         return _Cut(rowmax, rowmax + log_min_p, limited, 0, None)
 
     # One candidate more than the largest k, so a tie with the k-th token is seen.
-    width = min(vocab, max(max_k + 1, MIN_CANDIDATES if n_open else 1))
+    width = min(vocab, max(max_k + 1, MIN_CANDIDATES if n_unranked else 1))
     row_mass = None
+    raw, ids = _largest(logits, width)
     while True:
-        raw, ids = _largest(logits, width)
         values = raw / temperature  # the tempered logits of the candidates, descending
         rowmax = values[:, :1]
         cum = torch.exp(values - rowmax).cumsum(dim=1, dtype=torch.float64)
         # top-p's reference mass: the top-k tokens', or the whole row's where top-k is off
         mass = cum.gather(1, (k.clamp(1, width) - 1).unsqueeze(1)).squeeze(1)
-        if open_nucleus.any() if n_open else False:
+        if n_nucleus:
             if row_mass is None:
                 row_mass = _row_mass(logits, temperature, rowmax, open_nucleus)
             mass = torch.where(open_nucleus, row_mass, mass)
@@ -296,12 +299,20 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
             break
         # Every kept token must be a candidate: each limited row must drop its last candidate
         # (ties, and nuclei or min-p sets larger than the pool, fail this), unless it is -inf.
-        last = values[:, -1:]
-        spill = limited.unsqueeze(1) & (last >= threshold) & (last > -math.inf)
-        if not bool(spill.any()):
+        last = values[:, -1]
+        spill = limited & (last >= threshold.squeeze(1)) & (last > -math.inf)
+        spilled = spill.nonzero().squeeze(1)  # host sync
+        if spilled.numel() == 0:
             break
-        width = min(vocab, width * 4)
-        logger.debug("widening the candidate pool to %d of %d tokens", width, vocab)
+        # Widen the pool of the spilled rows only; the others are padded with -inf, which
+        # changes none of their sums or thresholds (padding ids are 0, never drawn).
+        grown = min(vocab, width * 4)
+        logger.debug("widening the candidate pool of %d rows to %d of %d tokens",
+                     spilled.numel(), grown, vocab)
+        wide_raw, wide_ids = _largest(logits.index_select(0, spilled), grown)
+        raw = torch.nn.functional.pad(raw, (0, grown - width), value=-math.inf).index_copy_(0, spilled, wide_raw)
+        ids = torch.nn.functional.pad(ids, (0, grown - width), value=0).index_copy_(0, spilled, wide_ids)
+        width = grown
     return _Cut(rowmax, threshold, limited, n_limited, (values, ids))
 
 
