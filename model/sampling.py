@@ -67,6 +67,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ def _check(logits: Tensor, batch: SamplingBatch) -> None:
     if logits.shape[0] != len(batch):
         raise ValueError(f"logits have {logits.shape[0]} rows but the SamplingBatch has {len(batch)}")
     if logits.device != batch.temperature.device:
-        raise ValueError(f"logits are on {logits.device} but the SamplingBatch is on {batch.temperature.device}")
+        raise ValueError(f"logits are on {logits.device} but the SamplingBatch is on "
+                         f"{batch.temperature.device}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
@@ -288,7 +290,7 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
                 row_mass = _row_mass(logits, temperature, rowmax, open_nucleus)
             mass = torch.where(open_nucleus, row_mass, mass)
         # top-p keeps sorted position j while the mass before j is below the goal (j = 0 always)
-        before = torch.nn.functional.pad(cum[:, :-1], (1, 0))
+        before = F.pad(cum[:, :-1], (1, 0))
         goal = (batch.top_p.double() * mass).unsqueeze(1)
         n_keep = torch.where(wants_p, (before < goal).sum(dim=1), width)
         n_keep = torch.where(k > 0, torch.minimum(n_keep, k), n_keep)
@@ -310,8 +312,9 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
         logger.debug("widening the candidate pool of %d rows to %d of %d tokens",
                      spilled.numel(), grown, vocab)
         wide_raw, wide_ids = _largest(logits.index_select(0, spilled), grown)
-        raw = torch.nn.functional.pad(raw, (0, grown - width), value=-math.inf).index_copy_(0, spilled, wide_raw)
-        ids = torch.nn.functional.pad(ids, (0, grown - width), value=0).index_copy_(0, spilled, wide_ids)
+        pad = (0, grown - width)
+        raw = F.pad(raw, pad, value=-math.inf).index_copy_(0, spilled, wide_raw)
+        ids = F.pad(ids, pad, value=0).index_copy_(0, spilled, wide_ids)
         width = grown
     return _Cut(rowmax, threshold, limited, n_limited, (values, ids))
 
@@ -331,6 +334,8 @@ def filter_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """
     _check(logits, batch)
     logits = logits.float()
+    if len(batch) == 0:
+        return logits.clone()
     cut = _cut(logits, batch)
     x = logits / batch.temperature.unsqueeze(1)
     return x.masked_fill(x < cut.threshold, -math.inf)
@@ -343,6 +348,8 @@ def sample(logits: Tensor, batch: SamplingBatch, salt: int = 0) -> Tensor:
     ``salt`` separates further draws at the same step (e.g. another head's).
     """
     _check(logits, batch)
+    if len(batch) == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     logits = logits.float()
     cut = _cut(logits, batch)
     u = stream_uniform(batch.seed, batch.step, salt)

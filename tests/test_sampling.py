@@ -295,8 +295,14 @@ def test_each_row_keeps_its_own_settings():
     out = filter_logits(NUCLEUS.expand(len(configs), -1), batch_of(configs))
     for row, (name, (_, expected)) in zip(out, settings.items()):
         assert set(torch.isfinite(row).nonzero().flatten().tolist()) == expected, name
-    tokens = draws(NUCLEUS, configs[0], 1, 1)  # and sampling respects each row too
-    assert tokens.item() == 3
+    # sampling the mixed batch over 300 steps respects each row's own set too
+    seen = [set() for _ in configs]
+    for step in range(300):
+        tokens = sample(NUCLEUS.expand(len(configs), -1), batch_of(configs, steps=step))
+        for row, token in enumerate(tokens.tolist()):
+            seen[row].add(token)
+    for row, (name, (_, expected)) in zip(seen, settings.items()):
+        assert expected - {2, 4} <= row <= expected, name  # tokens 2 and 4 are too rare to be seen
 
 
 @pytest.mark.parametrize("dtype, vocab, top_ks", [
@@ -398,3 +404,9 @@ def test_batch_columns_have_the_documented_types_and_checks():
         SamplingBatch.from_configs([SamplingConfig()], [1, 2])
     with pytest.raises(ValueError, match="rows"):
         sample(torch.zeros(3, 10), batch)
+
+
+def test_an_empty_batch_draws_nothing():
+    batch = batch_of([])
+    assert sample(torch.zeros(0, 10), batch).shape == (0,)
+    assert filter_logits(torch.zeros(0, 10), batch).shape == (0, 10)
