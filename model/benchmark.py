@@ -18,7 +18,7 @@ import torch
 
 from model import checkpoint as ckpt
 from model.fm import FieldMachine, FieldState, ModelConfig
-from model.train import resolve_device, resolve_precision
+from model.device import resolve_device, resolve_precision
 
 
 def timed(fn, *, repeat: int, device: torch.device) -> float:
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds = timed(train_step, repeat=max(2, args.repeat // 2), device=device)
     print(f"\ntraining     {args.train_batch * args.train_length / seconds:>12,.0f} tokens/s "
           f"(batch {args.train_batch} x {args.train_length}, {seconds * 1000:.1f} ms/step)")
-    del optimizer
     model.eval()
     served = model.to(dtype) if dtype != torch.float32 else model
 

@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -59,6 +59,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from model.fm import FieldMachine
 
 logger = logging.getLogger(__name__)
 

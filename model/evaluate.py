@@ -14,11 +14,11 @@ import logging
 import math
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from model import checkpoint as ckpt
+from model.device import resolve_device
 from model.baselines import Baselines
 from model.data import load_corpus
 from model.fm import FieldMachine, FieldState
@@ -48,8 +48,7 @@ def sequence_nll(model: FieldMachine, tokenizer: Tokenizer, sequence: TokenSeque
 
 def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
              cache_dir: str | None = None, split: str = "all") -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     model, tokenizer, loaded = ckpt.load_model(checkpoint, device=dev)
     model.float()
     if "baseline_unigram" not in loaded.extras:

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.data import find_midi_files
-from model.midi_io import MidiReadError, Score, TempoChange, read_midi, write_midi
+from model.midi_io import MidiReadError, Score, read_midi, write_midi
 from model.tokenizer import Tokenizer, TokenizerError
 
 OUTPUT_TICKS_PER_BEAT = 480
@@ -84,9 +84,8 @@ def roundtrip_file(input_path: str, output_path: str, tokenizer_path: str | None
     score = read_midi(input_path)
     tokenizer = _tokenizer_for([score], tokenizer_path)
     sequence = tokenizer.encode(score)
-    tempos = [TempoChange(round(t.tick * OUTPUT_TICKS_PER_BEAT / score.ticks_per_beat),
-                          t.microseconds_per_beat) for t in score.tempos]
-    decoded = tokenizer.decode(sequence, ticks_per_beat=OUTPUT_TICKS_PER_BEAT, tempos=tempos)
+    decoded = tokenizer.decode(sequence, ticks_per_beat=OUTPUT_TICKS_PER_BEAT,
+                               tempos=score.tempos_at(OUTPUT_TICKS_PER_BEAT))
     write_midi(decoded, output_path)
     f = measure(score, tokenizer)
     return (f"{input_path}: {f.notes} notes, {len(sequence)} tokens -> {output_path}: "

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-import torch
 
 from model import checkpoint as ckpt
+from model.device import resolve_device
 from model.cli import add_dataclass_arguments, dataclass_from_args
 from model.generation import BatchGenerator
 from model.midi_io import MidiReadError, Note, Score, TempoChange, TimeSignature, read_midi, write_midi
@@ -28,16 +27,14 @@ OUTPUT_TICKS_PER_BEAT = 480
 def generate(checkpoint: str, output: str, *, prompt_midi: str | None, tokens: int,
              sampling: SamplingConfig, device: str = "auto") -> dict:
     """Write the MIDI file and return a summary (notes, seconds, tokens)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     model, tokenizer, _ = ckpt.load_model(checkpoint, device=dev)
     generator = BatchGenerator(model, tokenizer)
     prompt, tempos = None, [TempoChange(0, 500_000)]
     if prompt_midi:
         score = read_midi(prompt_midi)
         prompt = tokenizer.encode(score)
-        tempos = [TempoChange(round(t.tick * OUTPUT_TICKS_PER_BEAT / score.ticks_per_beat),
-                              t.microseconds_per_beat) for t in score.tempos]
+        tempos = score.tempos_at(OUTPUT_TICKS_PER_BEAT)
     state, out, decoder = generator.prime(prompt)
     # The prompt's own notes as the model heard them (on the grid), then the continuation.
     decoded = tokenizer.decode(prompt, ticks_per_beat=OUTPUT_TICKS_PER_BEAT) if prompt else None

@@ -84,6 +84,11 @@ class Score:
     recovered: bool = False
     problems: list[str] = field(default_factory=list)
 
+    def tempos_at(self, ticks_per_beat: int) -> list[TempoChange]:
+        """The tempo map with its ticks rescaled to another resolution."""
+        return [TempoChange(round(t.tick * ticks_per_beat / self.ticks_per_beat), t.microseconds_per_beat)
+                for t in self.tempos]
+
     @property
     def end_tick(self) -> int:
         return max((n.onset_tick + n.duration_tick for n in self.notes), default=0)

@@ -26,6 +26,7 @@ from model import checkpoint as ckpt
 from model.baselines import Baselines
 from model.cli import add_dataclass_arguments, dataclass_from_args
 from model.data import load_corpus
+from model.device import resolve_device, resolve_precision
 from model.fm import FieldMachine, ModelConfig, sequence_loss
 from model.tokenizer import NOTE, Tokenizer, TokenSequence
 
@@ -120,22 +121,6 @@ def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: 
     arrays = dict(dna=dna, slots=slots, targets=targets, velocity=velocity, voice=voice,
                   is_note=is_note, mask=mask)
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast where it is faster: CUDA, and CPUs with AVX-512 (bf16/AMX units)."""
-    if name == "auto":
-        fast_cpu = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-        return torch.bfloat16 if device.type == "cuda" or fast_cpu else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,6 @@ def tiny_corpus(root: Path, files: int = 12) -> Path:
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> "subprocess.CompletedProcess":
-    import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
