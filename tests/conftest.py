@@ -13,9 +13,12 @@ BACH = REPO.parent / "shared" / "data" / "bach_midi"
 
 @pytest.fixture(scope="session")
 def bach_dir() -> Path:
-    """The 201-file Bach corpus, which lives in ../shared beside the checkout (never copied in)."""
+    """The 201-file Bach corpus, which lives in ../shared beside the checkout (never copied in).
+
+    CI always has it there, so a missing corpus fails the tests that need it instead of hiding them.
+    """
     if not BACH.is_dir():
-        pytest.skip(f"corpus not found at {BACH}: these tests need ../shared beside the checkout")
+        pytest.fail(f"corpus not found at {BACH}: the test suite needs ../shared beside the checkout")
     return BACH
 
 

@@ -11,9 +11,6 @@ import pytest
 
 from model.midi_repair import MidiRepairError, RepairReport, read_tolerant
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared/data/bach_midi"
-needs_corpus = pytest.mark.skipif(not CORPUS.exists(),
-                                  reason="corpus ../shared/data/bach_midi not beside the checkout")
 STRICT_FAILURES = [
     "suites/airgstr4.mid", "wtcbki/fugue11.mid", "wtcbki/fugue12.mid", "wtcbki/fugue13.mid",
     "wtcbki/fugue15.mid", "wtcbki/fugue19.mid", "wtcbki/fugue24.mid", "wtcbki/fugue6.mid",
@@ -303,12 +300,11 @@ def test_midi_repair_error_is_a_value_error() -> None:
 # ----------------------------------------------------------------------------- real files
 
 
-@needs_corpus
-def test_corpus_files_that_fail_strict_reading_are_recovered() -> None:
+def test_corpus_files_that_fail_strict_reading_are_recovered(bach_dir: Path) -> None:
     recovered = []
     for name in STRICT_FAILURES:
         try:
-            midi, _ = read_tolerant((CORPUS / name).read_bytes())
+            midi, _ = read_tolerant((bach_dir / name).read_bytes())
         except MidiRepairError:
             continue
         if any(msg.type == "note_on" for track in midi.tracks for msg in track):
@@ -316,10 +312,9 @@ def test_corpus_files_that_fail_strict_reading_are_recovered() -> None:
     assert len(recovered) >= 9, f"only {recovered} recovered"
 
 
-@needs_corpus
-def test_corpus_files_that_read_strictly_are_not_changed() -> None:
+def test_corpus_files_that_read_strictly_are_not_changed(bach_dir: Path) -> None:
     accepted = 0
-    for path in sorted(CORPUS.rglob("*.mid")):
+    for path in sorted(bach_dir.rglob("*.mid")):
         data = path.read_bytes()
         try:
             strict = mido.MidiFile(file=io.BytesIO(data))
@@ -327,7 +322,7 @@ def test_corpus_files_that_read_strictly_are_not_changed() -> None:
             continue
         accepted += 1
         tolerant, report = read_tolerant(data)
-        name = path.relative_to(CORPUS)
+        name = path.relative_to(bach_dir)
         assert (tolerant.type, tolerant.ticks_per_beat) == (strict.type, strict.ticks_per_beat), name
         assert [list(t) for t in tolerant.tracks] == [list(t) for t in strict.tracks], name
         assert report == RepairReport([], 0, 0), name
