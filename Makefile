@@ -6,8 +6,14 @@ PY := $(VENV)/bin/python
 # machines; on a CUDA box use e.g. `make install TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Debian packages the tests drive for real: a JACK server with its dummy backend (MIDI ports), headless
+# Chromium (browser page), fluidsynth and a small General MIDI soundfont (audio renders), and
+# docker-compose v1 (validates the compose files without a Docker engine).
+APT_TEST_PACKAGES ?= jackd2 chromium fluidsynth timgm6mb-soundfont docker-compose
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: help install test corpus clean
+.PHONY: help install serve test test-deps corpus clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,7 +27,21 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)  ## create .venv and install the project with its test extra
 
-test: $(STAMP)  ## set everything up (first run) and run the whole test suite
+serve: $(STAMP)  ## set up (first run) and start the server with the shipped checkpoint
+	$(PY) -m server --host $(HOST) --port $(PORT)
+
+test-deps:  ## install the Debian packages the tests need (only those missing; uses sudo when not root)
+	@missing=""; for p in $(APT_TEST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) test-deps  ## set everything up (first run) and run the whole test suite
 	$(PY) -m pytest
 
 corpus: $(STAMP)  ## tokenize ../shared/data/bach_midi and print the corpus summary
