@@ -4,6 +4,10 @@ Every file of ``--midi_dir`` is tokenized with the checkpoint's tokenizer and sc
 chunks that carry the field over, which gives exactly the one-pass result). The unigram and
 bigram baselines were fitted on the checkpoint's own training split and stored in it. NLL is
 reported in nats per token and in bits per note (total bits over the files' notes).
+
+With ``--continuations N`` it also continues the first 64 tokens of N of the scored files and
+reports how varied, prompt-faithful and seed-dependent the continuations are
+(:mod:`model.continuation`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import torch
 from tqdm import tqdm
 
 from model import checkpoint as ckpt
-from model.device import resolve_device
 from model.baselines import Baselines
+from model.cli import add_dataclass_arguments, dataclass_from_args
+from model.continuation import continuation_metrics, format_metrics
+from model.device import resolve_device
+from model.generation import BatchGenerator
+from model.sampling import SamplingConfig
 from model.data import load_corpus
 from model.fm import FieldMachine, FieldState
 from model.tokenizer import Tokenizer, TokenSequence
@@ -47,7 +55,9 @@ def sequence_nll(model: FieldMachine, tokenizer: Tokenizer, sequence: TokenSeque
 
 
 def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
-             cache_dir: str | None = None, split: str = "all") -> dict:
+             cache_dir: str | None = None, split: str = "all", continuations: int = 0,
+             prompt_tokens: int = 64, continuation_tokens: int = 256,
+             sampling: SamplingConfig = SamplingConfig()) -> dict:
     dev = resolve_device(device)
     model, tokenizer, loaded = ckpt.load_model(checkpoint, device=dev)
     model.float()
@@ -70,6 +80,12 @@ def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
     approximated = sum(s.approximated for s in sequences)
     per_token = lambda nats: nats / max(count, 1)
     bits_note = lambda nats: nats / math.log(2) / max(notes, 1)
+    extra = {}
+    if continuations:
+        extra = continuation_metrics(BatchGenerator(model, tokenizer), sequences, continuations,
+                                     prompt_tokens=prompt_tokens, tokens=continuation_tokens,
+                                     sampling=sampling)
+        extra = {"continuations": extra.pop("n"), **extra}
     return {
         "checkpoint": str(loaded.path), "midi_dir": midi_dir,
         "model_nll": per_token(model_nats), "unigram_nll": per_token(uni_nats),
@@ -80,6 +96,7 @@ def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
         "recovered": len(corpus.recovered),
         "skipped": [{"path": p, "reason": r} for p, r in corpus.skipped],
         "unknown_share": unknown / max(notes, 1), "nearest_duration_share": approximated / max(notes, 1),
+        **extra,
     }
 
 
@@ -96,6 +113,8 @@ def format_table(r: dict) -> str:
         f"{'bigram':<10}{r['bigram_nll']:>12.4f}{r['bigram_bits_per_note']:>12.3f}",
     ]
     rows += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
+    if r.get("continuations"):
+        rows += ["", format_metrics({**r, "n": r["continuations"]})]
     return "\n".join(rows)
 
 
@@ -110,11 +129,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="score every file, or only the checkpoint's validation or training "
                              "files (the trainer's deterministic split of the same folder)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--continuations", type=int, default=0,
+                        help="continue the first --prompt_tokens of N of the scored files (those long "
+                             "enough, in path order) and report the continuation metrics (0 = off)")
+    parser.add_argument("--prompt_tokens", type=int, default=64, help="prompt length for --continuations")
+    parser.add_argument("--continuation_tokens", type=int, default=256,
+                        help="tokens generated per prompt for --continuations")
+    add_dataclass_arguments(parser, SamplingConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         result = evaluate(args.checkpoint, args.midi_dir, device=args.device,
-                          cache_dir=args.cache_dir, split=args.split)
+                          cache_dir=args.cache_dir, split=args.split, continuations=args.continuations,
+                          prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
+                          sampling=dataclass_from_args(SamplingConfig, args))
     except (ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,15 @@ Readouts (``ModelConfig.readout``):
 ``ModelConfig.direct`` adds a direct path: the current token's projection (before the position
 code) is concatenated to the decoder's input.
 
+``ModelConfig.decays`` splits the field into groups of channels that forget at different rates:
+a group with time constant tau keeps ``field_t = lam * field_{t-1} + x_t`` with
+``lam = exp(-1/tau)`` (tau 0: no decay, the seed's plain sum). The state is still one (B, D) row
+per stream, ``step`` still O(1); the parallel pass computes the decayed sums with cumulative sums
+inside chunks of ``DECAY_CHUNK`` positions (rescaled by ``lam**-i``, which stays finite there)
+plus one carry per chunk. With ``demod``, a decayed group is scaled by 1/sqrt(min(t+1, tau)).
+
+``ModelConfig.field_dropout`` drops channels of the decoder's view of the field while training.
+
 Shapes: B streams or sequences, T positions, V vocabulary, D = ``dim``.
 """
 
@@ -36,6 +45,18 @@ from torch import Tensor, nn
 
 DNA_FLOATS = 7  # the tokenizer's continuous DNA values (model.tokenizer.DNA_FLOATS)
 READOUTS = ("field", "demod")
+DECAY_CHUNK = 32  # positions per chunk of the decayed cumulative sum; exp(32 / tau) for tau >= 1
+
+
+def parse_decays(text: str) -> tuple[float, ...]:
+    """``"0,256,16"`` -> (0.0, 256.0, 16.0); empty -> (). Time constants in tokens, 0 = no decay."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ValueError(f"decays must be comma-separated numbers, not {text!r}") from exc
+    if any(not (v == 0 or v >= 1) or not math.isfinite(v) for v in values):
+        raise ValueError(f"each decay time constant must be 0 (no decay) or >= 1 token, not {text!r}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class ModelConfig:
     position_base: float = field(default=32768.0, metadata={"help": 'Base of the sinusoidal position code.'})
     readout: str = field(default="demod", metadata={"help": "How the decoder reads the field: 'field' (the seed's) or 'demod'.", "choices": READOUTS})
     direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
+    decays: str = field(default="", metadata={"help": "Comma-separated decay time constants in tokens for groups of field channels, dealt pair by pair (0 = no decay; empty = one undecayed field, the seed's)."})
+    field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
@@ -62,8 +85,10 @@ class ModelConfig:
             raise ValueError("dim must be even (the position code pairs sin and cos)")
         if self.vocab_size < 5 or self.decoder_layers < 1 or self.decoder_hidden < 1:
             raise ValueError("vocab_size >= 5, decoder_layers >= 1 and decoder_hidden >= 1 are required")
-        if not 0 <= self.dropout < 1:
-            raise ValueError("dropout must lie in [0, 1)")
+        if not 0 <= self.dropout < 1 or not 0 <= self.field_dropout < 1:
+            raise ValueError("dropout and field_dropout must lie in [0, 1)")
+        if len(parse_decays(self.decays)) > self.dim // 2:
+            raise ValueError("decays: more groups than channel pairs")
 
     @property
     def dna_width(self) -> int:
@@ -120,8 +145,17 @@ class FieldMachine(nn.Module):
         self.token_head = nn.Linear(width, c.vocab_size)
         self.velocity_head = nn.Linear(width, c.velocity_levels)
         self.voice_head = nn.Linear(width, c.max_voices)
+        self.field_dropout = nn.Dropout(c.field_dropout)
         # Not a buffer: module.to(dtype) would cast it, and the angle must stay float64.
         self._frequencies: dict[torch.device, Tensor] = {}
+        # Per channel: time constant (inf = no decay) and log of the decay factor (0 = none).
+        taus = parse_decays(c.decays) or (0.0,)
+        pair_tau = torch.tensor([taus[k % len(taus)] for k in range(c.dim // 2)], dtype=torch.float64)
+        tau = torch.where(pair_tau > 0, pair_tau, torch.inf).repeat_interleave(2)
+        self._decayed = bool((pair_tau > 0).any())
+        # Plain float32 tensors, not buffers, for the same reason as the frequencies.
+        self._decay_tables: dict[torch.device, tuple[Tensor, Tensor]] = {
+            torch.device("cpu"): (tau.float(), torch.where(tau.isinf(), 0.0, -1 / tau).float())}
 
     # ----------------------------------------------------------------- pieces
     def angles(self, positions: Tensor) -> Tensor:
@@ -137,6 +171,14 @@ class FieldMachine(nn.Module):
         """(…, D) float32: sin at even, cos at odd indices."""
         a = self.angles(positions)
         return torch.stack((torch.sin(a), torch.cos(a)), dim=-1).flatten(-2).to(torch.float32)
+
+    def decay_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per channel (D,) float32: time constant (inf = no decay) and log of the decay factor."""
+        tables = self._decay_tables.get(device)
+        if tables is None:
+            cpu = self._decay_tables[torch.device("cpu")]
+            tables = self._decay_tables[device] = (cpu[0].to(device), cpu[1].to(device))
+        return tables
 
     def embed(self, dna: Tensor, voice_slots: Tensor) -> Tensor:
         """Project DNA (…, 7) and voice slots (…) to (…, D)."""
@@ -154,8 +196,11 @@ class FieldMachine(nn.Module):
             real = f_cos * cos + f_sin * sin
             imag = f_sin * cos - f_cos * sin
             field = torch.stack((imag, real), dim=-1).flatten(-2)
-            field = field * torch.rsqrt(positions.to(field.dtype) + 1).unsqueeze(-1)
-        x = field.to(self.project.weight.dtype)
+            count = positions.to(field.dtype).unsqueeze(-1) + 1
+            if self._decayed:
+                count = torch.minimum(count, self.decay_tables(field.device)[0].to(field.dtype))
+            field = field * torch.rsqrt(count)
+        x = self.field_dropout(field.to(self.project.weight.dtype))
         if self.config.direct:
             x = torch.cat((x, current.to(x.dtype)), dim=-1)
         return x
@@ -181,9 +226,13 @@ class FieldMachine(nn.Module):
         positions = torch.arange(length, device=voice_slots.device)  # (T,), broadcast over B
         if start is not None:
             positions = start.position.unsqueeze(1) + positions  # (B, T)
-        field = torch.cumsum(current.float() * self.position_code(positions), dim=1)
-        if start is not None:
-            field = field + start.field.unsqueeze(1)
+        coded = current.float() * self.position_code(positions)
+        if self._decayed:
+            field = self.decayed_cumsum(coded, None if start is None else start.field)
+        else:
+            field = torch.cumsum(coded, dim=1)
+            if start is not None:
+                field = field + start.field.unsqueeze(1)
         out = self.decode(self.readout(field, positions, current))
         if not return_state:
             return out
@@ -202,9 +251,37 @@ class FieldMachine(nn.Module):
         and the new state (the input state is not modified).
         """
         current = self.embed(dna, voice_slots)  # (B, D)
-        field = state.field + current.float() * self.position_code(state.position)
+        field = current.float() * self.position_code(state.position)
+        if self._decayed:
+            field = field + state.field * self.decay_tables(field.device)[1].exp()
+        else:
+            field = field + state.field
         out = self.decode(self.readout(field, state.position, current))
         return out, FieldState(field, state.position + 1)
+
+    def decayed_cumsum(self, x: Tensor, start: Tensor | None) -> Tensor:
+        """``y_t = lam * y_{t-1} + x_t`` per channel over (B, T, D) float32, from ``start`` (B, D).
+
+        Inside a chunk of C positions ``y_j = lam**j * cumsum_i(lam**-i * x_i) + lam**(j+1) * carry``;
+        the carry (the previous chunk's last ``y``) is the only sequential part: T / C small steps.
+        """
+        batch, length, dim = x.shape
+        chunk = DECAY_CHUNK
+        pad = (-length) % chunk
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = x.view(batch, -1, chunk, dim)
+        steps = torch.arange(chunk, dtype=torch.float32, device=x.device).unsqueeze(-1)
+        log_decay = self.decay_tables(x.device)[1]
+        local = torch.cumsum(x * torch.exp(-steps * log_decay), dim=2) * torch.exp(steps * log_decay)
+        carry_gain = torch.exp((steps + 1) * log_decay)  # (C, D)
+        carry = start if start is not None else x.new_zeros(batch, dim)
+        carries = []
+        for n in range(x.shape[1]):
+            carries.append(carry)
+            carry = local[:, n, -1] + carry_gain[-1] * carry
+        field = local + carry_gain * torch.stack(carries, dim=1).unsqueeze(2)
+        return field.view(batch, -1, dim)[:, :length]
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

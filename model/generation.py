@@ -43,15 +43,10 @@ class BatchGenerator:
     def _tensors(self, floats: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(floats).to(self.device), torch.from_numpy(slots).to(self.device))
 
-    @torch.no_grad()
-    def prime(self, prompt: TokenSequence | None) -> tuple[FieldState, FMOutput, StreamDecoder]:
-        """Read a prompt (BOS is added if missing; EOS dropped) in one parallel pass.
-
-        Returns the stream's state, the output predicting its next token, and its decoder.
-        """
-        tok = self.tokenizer
+    def _with_bos(self, prompt: TokenSequence | None) -> TokenSequence:
+        """The prompt as the model reads it: BOS first (added if missing), no trailing EOS."""
         if prompt is None or len(prompt) == 0:
-            prompt = TokenSequence(np.array([BOS]), np.zeros(1, np.int64), np.zeros(1, np.int64))
+            return TokenSequence(np.array([BOS]), np.zeros(1, np.int64), np.zeros(1, np.int64))
         ids, vel, voice = prompt.ids, prompt.velocity, prompt.voice
         if ids[-1] == EOS:
             ids, vel, voice = ids[:-1], vel[:-1], voice[:-1]
@@ -59,15 +54,37 @@ class BatchGenerator:
             zero = np.zeros(1, np.int64)
             ids, vel, voice = (np.concatenate([[BOS], ids]), np.concatenate([zero, vel]),
                                np.concatenate([zero, voice]))
-        sequence = TokenSequence(ids.astype(np.int64), vel.astype(np.int64), voice.astype(np.int64))
-        decoder = StreamDecoder(tok)
+        return TokenSequence(ids.astype(np.int64), vel.astype(np.int64), voice.astype(np.int64))
+
+    def _decoder(self, sequence: TokenSequence) -> StreamDecoder:
+        decoder = StreamDecoder(self.tokenizer)
         for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
             decoder.push(t, v, s)
-        floats, slots = tok.dna(sequence)
+        return decoder
+
+    @torch.no_grad()
+    def prime(self, prompt: TokenSequence | None) -> tuple[FieldState, FMOutput, StreamDecoder]:
+        """Read a prompt (BOS is added if missing; EOS dropped) in one parallel pass.
+
+        Returns the stream's state, the output predicting its next token, and its decoder.
+        """
+        sequence = self._with_bos(prompt)
+        decoder = self._decoder(sequence)
+        floats, slots = self.tokenizer.dna(sequence)
         dna, slot = self._tensors(floats[None], slots[None])
         out, state = self.model(dna, slot, return_state=True)
         last = FMOutput(out.logits[:, -1], out.velocity[:, -1], out.voice[:, -1])
         return state, last, decoder
+
+    def prime_many(self, prompts: list[TokenSequence | None]) -> tuple[FieldState, FMOutput, list[StreamDecoder]]:
+        """:meth:`prime` for several streams, stacked into one batch."""
+        primed = [self.prime(p) for p in prompts]
+        return (stack_states([p[0] for p in primed]), stack_outputs([p[1] for p in primed]),
+                [p[2] for p in primed])
+
+    def _step(self, state: FieldState, tokens: torch.Tensor, dna: torch.Tensor,
+              slots: torch.Tensor) -> tuple[FMOutput, FieldState]:
+        return self.model.step(state, dna, slots)
 
     @torch.no_grad()
     def advance(self, state: FieldState, out: FMOutput, decoders: list[StreamDecoder],
@@ -90,7 +107,7 @@ class BatchGenerator:
             results.append(StreamStep(int(tokens_np[i]), int(velocity_np[i]), int(voice_np[i]), note))
         floats, slots = self.tokenizer.token_dna(tokens_np, velocity_np, voice_np, bar_lengths)
         dna, slot = self._tensors(floats, slots)
-        new_out, new_state = self.model.step(state, dna, slot)
+        new_out, new_state = self._step(state, tokens, dna, slot)
         return results, new_state, new_out
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
     retokenize: bool = field(default=False, metadata={"help": "ignore the token cache and re-read every file"})
     fresh: bool = field(default=False, metadata={"help": "ignore an existing checkpoint and start clean"})
     cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.data's)"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
 
 
 MODEL_FLAGS_FROM_DATA = ("vocab_size", "voice_slots", "max_voices", "velocity_levels")
@@ -102,10 +102,14 @@ def windows(examples: list[Example], max_len: int, rng: np.random.Generator | No
 
 
 def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad windows on the right into tensors; ``mask`` marks real targets."""
+    """Pad windows on the right into tensors; ``mask`` marks real targets.
+
+    ``inputs`` are the input token ids (the FM reads their ``dna`` and ``slots``; the transformer
+    reference reads the ids too)."""
     length = max(b - a for _, a, b in batch) - 1
     size = len(batch)
     dna = np.zeros((size, length, 7), np.float32)
+    inputs = np.zeros((size, length), np.int64)
     slots = np.zeros((size, length), np.int64)
     targets = np.zeros((size, length), np.int64)
     velocity = np.zeros((size, length), np.int64)
@@ -115,20 +119,25 @@ def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: 
     for row, (i, a, b) in enumerate(batch):
         ex, n = examples[i], b - a - 1
         dna[row, :n], slots[row, :n] = ex.dna[a:b - 1], ex.slots[a:b - 1]
+        inputs[row, :n] = ex.ids[a:b - 1]
         targets[row, :n], velocity[row, :n] = ex.ids[a + 1:b], ex.velocity[a + 1:b]
         voice[row, :n], is_note[row, :n] = ex.voice[a + 1:b], ex.is_note[a + 1:b]
         mask[row, :n] = True
-    arrays = dict(dna=dna, slots=slots, targets=targets, velocity=velocity, voice=voice,
+    arrays = dict(inputs=inputs, dna=dna, slots=slots, targets=targets, velocity=velocity, voice=voice,
                   is_note=is_note, mask=mask)
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up (over at most a tenth of the run), then cosine decay to a tenth of ``lr``."""
+def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up (over at most a tenth of the run), then cosine decay to a tenth of ``lr``.
+
+    ``time_fraction`` (elapsed / ``max_minutes``) moves the decay on when the clock, not the
+    epochs, will end the run, so a time-limited run still ends at the low learning rate.
+    """
     warmup = max(1, min(cfg.warmup_steps, total // 10))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -234,8 +243,10 @@ class Trainer:
                 order = self.rng.permutation(len(spans))
                 for k in range(0, len(order), cfg.batch_size):
                     batch = collate(self.train, [spans[j] for j in order[k:k + cfg.batch_size]], self.device)
+                    time_fraction = ((time.perf_counter() - started) / (60 * cfg.max_minutes)
+                                     if cfg.max_minutes else 0.0)
                     for group in self.optimizer.param_groups:
-                        group["lr"] = lr_at(self.step, self.total_steps, cfg)
+                        group["lr"] = lr_at(self.step, self.total_steps, cfg, time_fraction)
                     with torch.autocast(self.device.type, dtype=self.dtype,
                                         enabled=self.dtype != torch.float32):
                         out = self.model(batch["dna"], batch["slots"])

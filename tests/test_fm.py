@@ -7,14 +7,17 @@ import torch
 
 from model.fm import FieldMachine, FieldState, ModelConfig, sequence_loss
 
-VARIANTS = [("field", False), ("demod", False), ("demod", True), ("field", True)]
-IDS = ["field", "demod", "demod+direct", "field+direct"]
+VARIANTS = [("field", False), ("demod", False), ("demod", True), ("field", True),
+            ("demod", "0,512,16,1"), ("field", "0,4")]
+IDS = ["field", "demod", "demod+direct", "field+direct", "demod+direct+decays", "field+direct+decays"]
 
 
-def make_model(readout: str, direct: bool, dim: int = 64, seed: int = 0) -> FieldMachine:
+def make_model(readout: str, direct: bool | str, dim: int = 64, seed: int = 0) -> FieldMachine:
+    """``direct`` as a string: the direct path plus those decay time constants."""
     torch.manual_seed(seed)
+    decays = direct if isinstance(direct, str) else ""
     config = ModelConfig(vocab_size=50, dim=dim, decoder_hidden=48, decoder_layers=3,
-                         dropout=0.0, readout=readout, direct=direct)
+                         dropout=0.0, readout=readout, direct=bool(direct), decays=decays)
     return FieldMachine(config).eval().double().float()
 
 
@@ -80,8 +83,9 @@ def test_streams_stepped_together_equal_streams_stepped_alone(readout, direct):
         assert after.position[i].item() == alone_state.position.item() == 10 * i + 1
 
 
-def test_state_size_does_not_grow():
-    model = make_model("demod", True)
+@pytest.mark.parametrize("direct", [True, "0,64,4"], ids=["one field", "decayed fields"])
+def test_state_size_does_not_grow(direct):
+    model = make_model("demod", direct)
     dna, slots = random_tokens(3, 1)
     state = FieldState.empty(3, model.config.dim)
     sizes = {}
@@ -132,6 +136,25 @@ def test_loss_and_heads_train():
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="readout must be one of"):
         ModelConfig(vocab_size=50, readout="attention")
+    with pytest.raises(ValueError, match="decay time constant"):
+        ModelConfig(vocab_size=50, decays="0,0.5")
+
+
+def test_decayed_field_forgets_at_its_rate():
+    """One token, then silence (zero DNA): a channel with tau = 4 keeps exp(-t/4) of it."""
+    model = make_model("field", "4")
+    dna, slots = random_tokens(1, 1)
+    state = FieldState.empty(1, model.config.dim)
+    _, state = model.step(state, dna[:, 0], slots[:, 0])
+    first = state.field.clone()
+    quiet = model.embed(torch.zeros(1, 7), slots[:, 0])
+    for _ in range(8):  # feed tokens whose projection is only the bias, then take it out again
+        state = FieldState(state.field, state.position)
+        _, state = model.step(state, torch.zeros(1, 7), slots[:, 0])
+    # Remove what the 8 bias-only tokens added: sum of lam**k * quiet * code(position).
+    lam = torch.exp(torch.tensor(-1 / 4))
+    added = sum(lam ** (8 - p) * quiet.float() * model.position_code(torch.tensor([p])) for p in range(1, 9))
+    torch.testing.assert_close(state.field - added, first * lam ** 8, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
