@@ -390,6 +390,18 @@ class Tokenizer:
         best = min(options, key=lambda b: abs(self._log_durations[b] - self._log_durations[key.b]))
         return self.index[TokenKey(key.kind, key.a, best, key.c)]
 
+    def lookup(self, key: TokenKey) -> int:
+        """Id of ``key``; for a note or rest missing from the vocabulary, the same one at the same
+        position with the nearest duration; UNK when there is none (the rule :meth:`encode` uses)."""
+        token = self.index.get(key)
+        if token is None:
+            token = self._nearest(key)
+        return UNK if token is None else token
+
+    def velocity_level(self, velocity: int) -> int:
+        """Index of the velocity level nearest to a MIDI velocity."""
+        return self._velocity_level(velocity)
+
     def snap_duration(self, beats: float) -> int:
         """Index of the grid duration nearest (in log2) to ``beats`` quarter notes."""
         if beats <= 0:
@@ -581,6 +593,12 @@ class StreamDecoder:
         self.bar_length = 4 * tokenizer.config.grid_per_beat
         self.signature = (4, 4)
         self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
+        self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
+
+    @property
+    def bar_end(self) -> int:
+        """Grid step where the current bar ends."""
+        return self.bar_start + self.bar_length if self.bar >= 0 else self.bar_length
 
     def push(self, token: int, velocity: int = 0, voice: int = 0) -> DecodedNote | None:
         tok = self.tokenizer
@@ -595,9 +613,13 @@ class StreamDecoder:
             if not self.signatures or self.signatures[-1][1:] != (key.a, key.b):
                 self.signatures.append((self.bar_start * tok._step, key.a, key.b))
             self.signature = (key.a, key.b)
+            self.cursor = self.bar_start
             return None
+        if key.kind == REST:
+            self.cursor = self.bar_start + key.c
         if key.kind != NOTE:
             return None
+        self.cursor = self.bar_start + key.c
         levels = tok.config.velocity_levels
         return DecodedNote(
             onset=(self.bar_start + key.c) * tok._step,
@@ -608,6 +630,50 @@ class StreamDecoder:
             bar=max(self.bar, 0),
             position=key.c,
         )
+
+
+    def encode_notes(self, notes: Iterable[tuple[int, int, float, int, int]]) -> TokenSequence:
+        """Append notes to the stream: ``(onset in grid steps, pitch, duration in beats, MIDI
+        velocity, voice)`` on this stream's timeline, in any order.
+
+        Onsets before :attr:`cursor` are moved up to it (a stream only moves forward); an onset the
+        vocabulary has no token for (for that pitch) moves to the next 16th, 8th or beat; BAR tokens
+        of the current signature are emitted where the notes cross bar lines. The tokens are pushed
+        into this decoder and returned (ids, velocity levels, voices) for the model to read;
+        notes with no vocabulary entry are left out and counted in ``unknown``.
+        """
+        tok = self.tokenizer
+        ids: list[int] = []
+        velocities: list[int] = []
+        voices: list[int] = []
+        unknown = 0
+        grid = tok.config.grid_per_beat
+        snaps = sorted({1, max(1, grid // 4), max(1, grid // 2), grid})
+        bar_token = tok.lookup(TokenKey(BAR, *self.signature, 0))
+        for onset, pitch, beats, velocity, voice in sorted(notes, key=lambda n: (n[0], n[4], -n[1])):
+            onset = max(int(onset), self.cursor)
+            while self.bar < 0 or onset >= self.bar_end:
+                if bar_token == UNK:
+                    raise TokenizerError(f"the vocabulary has no BAR_{self.signature[0]}/{self.signature[1]}")
+                self.push(bar_token)
+                ids.append(bar_token), velocities.append(0), voices.append(0)
+            voice = min(max(int(voice), 0), tok.config.max_voices - 1)
+            level = tok.velocity_level(velocity)
+            token = UNK
+            for step in snaps:  # the exact onset, then a 16th, an 8th, a beat (never before the cursor)
+                at = max(-(-onset // step) * step if step > 1 else onset, self.cursor)
+                if at >= self.bar_end:
+                    break
+                token = tok.lookup(TokenKey(NOTE, int(pitch), tok.snap_duration(beats), at - self.bar_start))
+                if token != UNK:
+                    break
+            if token == UNK:  # a pitch (or a position) the vocabulary never saw: counted, not read
+                unknown += 1
+                continue
+            self.push(token, level, voice)
+            ids.append(token), velocities.append(level), voices.append(voice)
+        as_array = lambda values: np.asarray(values, dtype=np.int64)
+        return TokenSequence(as_array(ids), as_array(velocities), as_array(voices), unknown=unknown)
 
 
 def _round_div(numerator: int, denominator: int) -> int:

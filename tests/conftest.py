@@ -55,3 +55,19 @@ def tiny_run(tmp_path_factory) -> Path:
                         "--val_fraction", "0.2", "--cache_dir", str(base / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tiny_run) -> Path:
+    """The checkpoint the server tests serve (a tiny model trained in the session)."""
+    return tiny_run / "best"
+
+
+@pytest.fixture(scope="session")
+def live_server(served_checkpoint):
+    """A real uvicorn server on a free loopback port, shared by the tests that only talk to it."""
+    from server.config import ServerConfig
+    from tests.server_harness import running_server
+
+    with running_server(ServerConfig(checkpoint=str(served_checkpoint), max_sessions=64)) as server:
+        yield server

@@ -1,0 +1,192 @@
+"""Load generator: ``python -m client.loadgen --url ws://127.0.0.1:8000/ws --sessions N --seconds S``.
+
+Opens N real WebSocket sessions (seeds 1..N), streams for S seconds, and measures for every note
+its **headroom**: its start on the session clock minus the time it arrived (negative = late).
+Prints sessions held (connected to the end without an error), notes/s, late notes, headroom
+percentiles and errors; with ``--json`` one JSON object instead. When the server's ``/metrics``
+is reachable beside the WebSocket URL, the server's tokens/s and batch sizes over the run are
+reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import websockets
+
+
+@dataclass
+class SessionResult:
+    held: bool = False
+    notes: int = 0
+    late: int = 0
+    headroom: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class Report:
+    sessions: int
+    seconds: float
+    held: int
+    notes: int
+    notes_per_second: float
+    late_notes: int
+    headroom_p50: float | None
+    headroom_p1: float | None
+    headroom_min: float | None
+    errors: dict[str, int]
+    server_tokens_per_second: float | None = None
+    server_mean_batch: float | None = None
+    server_state_bytes: float | None = None
+    server_late_notes: float | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def run_session(url: str, index: int, seconds: float, start: dict, stop_at: float) -> SessionResult:
+    result = SessionResult()
+    try:
+        async with websockets.connect(url, max_size=None, open_timeout=60) as ws:
+            await ws.send(json.dumps({"type": "start", "seed": index + 1, **start}))
+            clock = None
+            while True:
+                remaining = stop_at - time.time()
+                if remaining <= 0:
+                    break
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), timeout=remaining)
+                except asyncio.TimeoutError:
+                    break
+                arrived = time.time()
+                message = json.loads(raw)
+                kind = message.get("type")
+                if kind == "session":
+                    clock = message["clock"]
+                elif kind == "notes" and clock is not None:
+                    for note in message["notes"]:
+                        headroom = clock + note["start"] - arrived
+                        result.headroom.append(headroom)
+                        result.late += headroom < 0
+                    result.notes += len(message["notes"])
+                elif kind == "error":
+                    result.errors[message.get("code", "?")] += 1
+            result.held = not result.errors and clock is not None
+            await ws.send(json.dumps({"type": "stop"}))
+    except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+        code = getattr(getattr(exc, "rcvd", None), "code", None)
+        result.errors[f"connection: {code or type(exc).__name__}"] += 1
+        result.held = False
+    return result
+
+
+def metrics_url(ws_url: str) -> str:
+    return re.sub(r"^ws", "http", ws_url).rsplit("/", 1)[0] + "/metrics"
+
+
+def read_metrics(url: str) -> dict[str, float] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            continue
+    return values
+
+
+async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float) -> Report:
+    before = read_metrics(metrics_url(url))
+    began = time.time()
+    stop_at = began + ramp + seconds
+    tasks = []
+    for i in range(sessions):
+        tasks.append(asyncio.create_task(run_session(url, i, seconds, start, stop_at)))
+        if ramp:
+            await asyncio.sleep(ramp / sessions)
+    results = await asyncio.gather(*tasks)
+    elapsed = time.time() - began
+    after = read_metrics(metrics_url(url))
+    headroom = [h for r in results for h in r.headroom]
+    errors: Counter = Counter()
+    for r in results:
+        errors.update(r.errors)
+    notes = sum(r.notes for r in results)
+    report = Report(sessions=sessions, seconds=round(elapsed, 1), held=sum(r.held for r in results), notes=notes,
+                    notes_per_second=round(notes / elapsed, 1), late_notes=sum(r.late for r in results),
+                    headroom_p50=_round(percentile(headroom, 50)), headroom_p1=_round(percentile(headroom, 1)),
+                    headroom_min=_round(min(headroom, default=None)), errors=dict(errors))
+    if before and after:
+        tokens = after.get("fm_tokens_total", 0) - before.get("fm_tokens_total", 0)
+        batches = after.get("fm_batch_size_count", 0) - before.get("fm_batch_size_count", 0)
+        batch_sum = after.get("fm_batch_size_sum", 0) - before.get("fm_batch_size_sum", 0)
+        report.server_tokens_per_second = round(tokens / elapsed, 1)
+        report.server_mean_batch = round(batch_sum / batches, 1) if batches else None
+        report.server_state_bytes = after.get("fm_session_state_bytes")
+        report.server_late_notes = after.get("fm_late_notes_total", 0) - before.get("fm_late_notes_total", 0)
+    return report
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def format_report(r: Report) -> str:
+    ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"
+    lines = [f"sessions held      {r.held}/{r.sessions} for {r.seconds} s",
+             f"notes              {r.notes} ({r.notes_per_second}/s)",
+             f"late notes         {r.late_notes}",
+             f"headroom           p50 {ms(r.headroom_p50)}, p1 {ms(r.headroom_p1)}, min {ms(r.headroom_min)}",
+             f"errors             {sum(r.errors.values())}" + (f" {r.errors}" if r.errors else "")]
+    if r.server_tokens_per_second is not None:
+        lines.append(f"server tokens/s    {r.server_tokens_per_second} (mean batch {r.server_mean_batch}, "
+                     f"state {r.server_state_bytes:.0f} bytes/session)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.loadgen", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the server's WebSocket URL")
+    parser.add_argument("--sessions", type=int, default=16, help="concurrent sessions")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long each session streams")
+    parser.add_argument("--bpm", type=float, default=120.0, help="tempo of every session")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default if unset)")
+    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which the sessions are opened")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.seconds <= 0:
+        parser.error("--sessions must be >= 1 and --seconds > 0")
+    start = {"bpm": args.bpm}
+    if args.temperature is not None:
+        start["temperature"] = args.temperature
+    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp))
+    print(json.dumps(asdict(report)) if args.json else format_report(report))
+    return 0 if report.held == report.sessions else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The batching engine: one thread owns the model and advances every stream that needs music.
+
+Who owns what:
+
+* The **engine thread** (``fm-engine``, started by :meth:`Engine.start`) is the only code that
+  touches the model, the state slab and the streams' decoders. Each turn of its loop it
+  1. runs the commands sessions queued (open a stream, fold played notes in, close a stream),
+  2. reads pending input (prompts, played notes) in chunks of at most ``input_chunk`` tokens, so a
+     long prompt never holds up the other streams for long,
+  3. **schedules**: asks :class:`server.scheduler.Scheduler` which streams need tokens now,
+  4. **executes** one batched O(1) step for all of them (:meth:`BatchGenerator.advance` on their
+     rows of the slab: different positions, temperatures and seeds in one batch),
+  5. **updates**: writes the rows back and hands each stream its new notes on the event loop
+     (``loop.call_soon_threadsafe``). It never waits for a client.
+* The **event loop** (sessions, endpoints) talks to the engine only through :meth:`Engine.open`,
+  :meth:`Engine.feed` and :meth:`Engine.release`, which queue a command and await its future. It
+  may swap a stream's immutable ``sampling`` and ``timeline`` and flip ``paused``; the engine
+  reads them at its next step.
+
+A failed step fails exactly the streams in it: each gets ``on_error`` and is never scheduled
+again, so no session hangs and the others carry on.
+
+State: one row per stream in a preallocated slab (``capacity`` rows): the field and position
+(:class:`model.fm.FieldState`) plus the model's output for the stream's next token. Its size never
+changes with a session's length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.fm import FieldMachine, FieldState, FMOutput
+from model.generation import BatchGenerator
+from model.sampling import SamplingConfig
+from model.tokenizer import StreamDecoder, Tokenizer, TokenSequence
+from server.metrics import Metrics
+from server.scheduler import Scheduler
+from server.timeline import Timeline
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFull(RuntimeError):
+    """Every row of the state slab is taken."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine has stopped."""
+
+
+@dataclass(frozen=True)
+class GeneratedNote:
+    """A note as the engine hands it over: beats from the stream's beat 0."""
+
+    beat: float
+    duration: float  # beats
+    pitch: int
+    velocity: int
+    voice: int
+
+
+@dataclass(frozen=True)
+class PlayedInput:
+    """A played note placed on the stream's timeline (beats from the stream's beat 0)."""
+
+    beat: float
+    duration: float  # beats
+    pitch: int
+    velocity: int
+    voice: int
+
+
+@dataclass(eq=False)
+class Stream:
+    """One generation stream: a WebSocket session or a ``POST /generate`` job.
+
+    The event loop may replace ``sampling`` and ``timeline`` and set ``paused``; everything else
+    belongs to the engine thread.
+    """
+
+    id: int
+    realtime: bool
+    sampling: SamplingConfig
+    timeline: Timeline
+    sink: Callable[[list[GeneratedNote]], None]  # called on the event loop
+    on_error: Callable[[str], None]  # called on the event loop, once
+    on_done: Callable[[], None] | None = None  # jobs: called on the event loop when remaining hits 0
+    remaining: int = 0  # jobs: tokens still to generate
+    paused: bool = False
+    # engine-owned
+    slot: int = -1
+    decoder: StreamDecoder | None = None
+    offset: float = 0.0  # beats: the decoder time of the stream's beat 0
+    clock: float = 0.0  # unix time of session second 0 (set when the prompt has been read)
+    primed: bool = False
+    failed: bool = False
+    closed: bool = False
+    steps: int = 0  # tokens sampled so far (with the seed, fixes the stream's randomness)
+    frontier: float = 0.0  # beats: onset of the latest token
+    unknown_played: int = 0  # played notes the vocabulary could not hold
+    pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # DNA chunks to read
+    ready_future: asyncio.Future | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.primed and not self.pending and not self.closed
+
+    def deadline(self) -> float:
+        """Unix time at which the music generated so far runs out."""
+        return self.clock + self.timeline.seconds(self.frontier)
+
+
+class Engine:
+    def __init__(self, model: FieldMachine, tokenizer: Tokenizer, *, capacity: int, max_batch: int,
+                 lookahead: float, generate_ahead: float, metrics: Metrics | None = None,
+                 input_chunk: int = 256) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generator = BatchGenerator(model, tokenizer)
+        self.device = self.generator.device
+        self.capacity = capacity
+        self.lookahead = lookahead
+        self.scheduler = Scheduler(max_batch=max_batch, horizon=lookahead + generate_ahead)
+        self.metrics = metrics or Metrics()
+        self.input_chunk = input_chunk
+        self.streams: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self._free = list(range(capacity - 1, -1, -1))
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self._allocate_slab()
+
+    # ------------------------------------------------------------------ slab
+    @torch.no_grad()
+    def _allocate_slab(self) -> None:
+        """Rows for ``capacity`` streams, shaped after the model's own output for one token."""
+        probe_dna, probe_slots = self.tokenizer.token_dna(np.array([1]), np.zeros(1, np.int64),
+                                                          np.zeros(1, np.int64),
+                                                          np.array([self.tokenizer.default_bar_length]))
+        out, state = self.model(torch.from_numpy(probe_dna[None]).to(self.device),
+                                torch.from_numpy(probe_slots[None]).to(self.device), return_state=True)
+        n = self.capacity
+        self.field = torch.zeros((n, state.field.shape[-1]), dtype=state.field.dtype, device=self.device)
+        self.position = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.logits = torch.zeros((n, out.logits.shape[-1]), dtype=out.logits.dtype, device=self.device)
+        self.velocity = torch.zeros((n, out.velocity.shape[-1]), dtype=out.velocity.dtype, device=self.device)
+        self.voice = torch.zeros((n, out.voice.shape[-1]), dtype=out.voice.dtype, device=self.device)
+        self.state_bytes = self.field[0].nbytes + self.position[0].nbytes
+        self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.velocity[0].nbytes + self.voice[0].nbytes
+        self.metrics.state_bytes.set(self.state_bytes)
+        self.metrics.slot_bytes.set(self.slot_bytes)
+
+    def _rows(self, slots: torch.Tensor) -> tuple[FieldState, FMOutput]:
+        return (FieldState(self.field[slots], self.position[slots]),
+                FMOutput(self.logits[slots], self.velocity[slots], self.voice[slots]))
+
+    def _store(self, slots: torch.Tensor, state: FieldState, out: FMOutput) -> None:
+        self.field[slots] = state.field.to(self.field.dtype)
+        self.position[slots] = state.position
+        self.logits[slots] = out.logits.to(self.logits.dtype)
+        self.velocity[slots] = out.velocity.to(self.velocity.dtype)
+        self.voice[slots] = out.voice.to(self.voice.dtype)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will receive the results."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="fm-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ------------------------------------------------------------------ event-loop side
+    async def _call(self, fn: Callable, *args):
+        if not self.running:
+            raise EngineClosed("the generation engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put((fn, args, future))
+        self._wake.set()
+        return await future
+
+    async def open(self, prompt: TokenSequence | None, *, sampling: SamplingConfig, timeline: Timeline,
+                   realtime: bool, sink: Callable[[list[GeneratedNote]], None],
+                   on_error: Callable[[str], None], tokens: int = 0,
+                   on_done: Callable[[], None] | None = None) -> Stream:
+        """Start a stream from ``prompt`` and wait until the prompt has been read.
+
+        Live streams get their ``clock`` then (``lookahead`` seconds from now). Raises
+        :class:`EngineFull` when every slab row is taken.
+        """
+        stream = Stream(id=next(self._ids), realtime=realtime, sampling=sampling, timeline=timeline,
+                        sink=sink, on_error=on_error, on_done=on_done, remaining=tokens)
+        stream.ready_future = asyncio.get_running_loop().create_future()
+        await self._call(self._open, stream, prompt)
+        await stream.ready_future
+        return stream
+
+    async def feed(self, stream: Stream, notes: list[PlayedInput]) -> tuple[int, int]:
+        """Fold played notes into a stream; returns (tokens they became, notes left out because the
+        vocabulary has no token for them)."""
+        return await self._call(self._feed, stream, notes)
+
+    async def release(self, stream: Stream) -> None:
+        """Stop a stream and free its row."""
+        if self.running:
+            await self._call(self._release, stream)
+
+    def _post(self, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` on the event loop (from the engine thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # ------------------------------------------------------------------ engine thread: commands
+    def _open(self, stream: Stream, prompt: TokenSequence | None) -> None:
+        if not self._free:
+            raise EngineFull(f"the engine holds {self.capacity} streams, its limit")
+        tok = self.tokenizer
+        sequence = self.generator._with_bos(prompt)
+        decoder = StreamDecoder(tok)
+        for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
+            decoder.push(t, v, s)
+        floats, slots = tok.dna(sequence)
+        stream.slot = self._free.pop()
+        stream.decoder = decoder
+        stream.offset = decoder.cursor / tok.config.grid_per_beat
+        stream.frontier = 0.0
+        self.field[stream.slot] = 0
+        self.position[stream.slot] = 0
+        stream.pending = [(floats, slots)]
+        self.streams[stream.id] = stream
+
+    def _feed(self, stream: Stream, notes: list[PlayedInput]) -> tuple[int, int]:
+        if stream.closed or stream.failed or stream.decoder is None:
+            return 0, 0
+        tok = self.tokenizer
+        decoder = stream.decoder
+        grid = tok.config.grid_per_beat
+        bar_length = decoder.bar_length
+        played = [(round((n.beat + stream.offset) * grid), n.pitch, n.duration, n.velocity, n.voice)
+                  for n in notes]
+        sequence = decoder.encode_notes(played)
+        stream.unknown_played += sequence.unknown
+        if len(sequence) == 0:
+            return 0, sequence.unknown
+        lengths = np.empty(len(sequence), dtype=np.float64)
+        for i, token in enumerate(sequence.ids.tolist()):
+            bar_length = tok.bar_length(token) or bar_length
+            lengths[i] = bar_length
+        floats, slots = tok.token_dna(sequence.ids, sequence.velocity, sequence.voice, lengths)
+        stream.pending.append((floats, slots))
+        stream.frontier = max(stream.frontier, decoder.cursor / grid - stream.offset)
+        return len(sequence), sequence.unknown
+
+    def _release(self, stream: Stream) -> None:
+        if stream.closed:
+            return
+        stream.closed = True
+        stream.pending.clear()
+        if self.streams.pop(stream.id, None) is not None and stream.slot >= 0:
+            self._free.append(stream.slot)
+            stream.slot = -1
+
+    def _fail(self, stream: Stream, message: str) -> None:
+        if stream.failed or stream.closed:
+            return
+        stream.failed = True
+        self._post(stream.on_error, message)
+        if stream.ready_future is not None:
+            self._post(_settle, stream.ready_future, RuntimeError(message))
+        self._release(stream)
+
+    # ------------------------------------------------------------------ engine thread: loop
+    def _run(self) -> None:
+        logger.info("engine thread started: %d rows, device %s", self.capacity, self.device)
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self._run_commands()
+                    read_input = self._read_input()
+                    now = time.time()
+                    batch = self.scheduler.select(self.streams.values(), now)
+                    if batch:
+                        self._step(batch)
+                    elif not read_input:
+                        self._wake.wait(self.scheduler.wait_time(self.streams.values(), now))
+                        self._wake.clear()
+        except BaseException as exc:  # the engine itself broke: fail everyone, refuse new work
+            logger.exception("engine thread died")
+            self.error = exc
+            for stream in list(self.streams.values()):
+                self._fail(stream, f"the generation engine stopped: {exc}")
+            self._stopping = True
+        finally:
+            while not self._commands.empty():
+                _, _, future = self._commands.get_nowait()
+                self._post(_settle, future, EngineClosed("the generation engine stopped"))
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(*args)
+            except Exception as exc:  # the caller gets the error; the engine carries on
+                self._post(_settle, future, exc)
+            else:
+                self._post(_settle, future, result, False)
+
+    @torch.no_grad()
+    def _read_input(self) -> bool:
+        """Read at most ``input_chunk`` pending prompt or played tokens; True if any were read."""
+        budget = self.input_chunk
+        for stream in list(self.streams.values()):
+            if budget <= 0:
+                break
+            while stream.pending and budget > 0 and not stream.failed:
+                floats, slots = stream.pending[0]
+                take = min(budget, len(slots))
+                try:
+                    self._read_chunk(stream, floats[:take], slots[:take])
+                except Exception as exc:
+                    logger.exception("reading input of stream %d failed", stream.id)
+                    self._fail(stream, f"reading the prompt or played notes failed: {exc}")
+                    break
+                budget -= take
+                if take == len(slots):
+                    stream.pending.pop(0)
+                else:
+                    stream.pending[0] = (floats[take:], slots[take:])
+            if stream.primed or stream.pending or stream.failed:
+                continue
+            stream.primed = True  # its prompt is read: the clock starts
+            stream.clock = time.time() + self.lookahead
+            if stream.ready_future is not None:
+                self._post(_settle, stream.ready_future, None, False)
+        return budget < self.input_chunk
+
+    def _read_chunk(self, stream: Stream, floats: np.ndarray, slots: np.ndarray) -> None:
+        rows = torch.tensor([stream.slot], device=self.device)
+        state, _ = self._rows(rows)
+        dna = torch.from_numpy(np.ascontiguousarray(floats)[None]).to(self.device)
+        slot = torch.from_numpy(np.ascontiguousarray(slots)[None]).to(self.device)
+        out, new_state = self.model(dna, slot, start=state, return_state=True)
+        last = FMOutput(out.logits[:, -1], out.velocity[:, -1], out.voice[:, -1])
+        self._store(rows, new_state, last)
+
+    @torch.no_grad()
+    def _step(self, batch: list[Stream]) -> None:
+        began = time.perf_counter()
+        rows = torch.tensor([s.slot for s in batch], device=self.device)
+        try:
+            state, out = self._rows(rows)
+            results, new_state, new_out = self.generator.advance(
+                state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch])
+            self._store(rows, new_state, new_out)
+        except Exception as exc:
+            logger.exception("a model step of %d streams failed", len(batch))
+            for stream in batch:
+                self._fail(stream, f"the model step failed: {exc}")
+            return
+        deliveries = []
+        grid = self.tokenizer.config.grid_per_beat
+        resolution = self.tokenizer.config.resolution
+        moved = 0
+        for stream, result in zip(batch, results):
+            stream.steps += 1
+            previous = stream.frontier
+            stream.frontier = max(previous, stream.decoder.cursor / grid - stream.offset)
+            if result.note is not None:
+                n = result.note
+                beat = n.onset / resolution - stream.offset
+                if stream.realtime and beat < previous:
+                    # A live stream only moves forward: a note placed before the latest onset
+                    # (earlier in the bar) sounds at that onset instead of in the past.
+                    beat, moved = previous, moved + 1
+                deliveries.append((stream, GeneratedNote(beat, n.duration / resolution, n.pitch, n.velocity,
+                                                         n.voice)))
+            if not stream.realtime:
+                stream.remaining -= 1
+        self.metrics.step(len(batch), time.perf_counter() - began)
+        if moved:
+            self.metrics.notes_moved.inc(moved)
+        self._post(self._deliver, deliveries, [s for s in batch if not s.realtime and s.remaining <= 0])
+        for stream in batch:
+            if not stream.realtime and stream.remaining <= 0:
+                self._release(stream)
+
+    # ------------------------------------------------------------------ event loop: hand-over
+    @staticmethod
+    def _deliver(deliveries: list[tuple[Stream, GeneratedNote]], finished: list[Stream]) -> None:
+        by_stream: dict[int, tuple[Stream, list[GeneratedNote]]] = {}
+        for stream, note in deliveries:
+            by_stream.setdefault(stream.id, (stream, []))[1].append(note)
+        for stream, notes in by_stream.values():
+            stream.sink(notes)
+        for stream in finished:
+            if stream.on_done is not None:
+                stream.on_done()
+
+
+def _settle(future: asyncio.Future, value, is_error: bool | None = None) -> None:
+    """Resolve a future on its loop unless it was cancelled (``value`` an exception -> raise)."""
+    if future.done():
+        return
+    if is_error is None:
+        is_error = isinstance(value, BaseException)
+    if is_error:
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+

@@ -1,0 +1,163 @@
+"""Wire messages of the WebSocket ``/ws`` protocol and of ``POST /generate``.
+
+Every frame is one JSON object with a ``type``. Client messages are parsed with
+:data:`client_message_adapter` (a discriminated union on ``type``); the server's replies are the
+``*Reply`` models below, serialised with ``model_dump_json``. Errors carry a stable ``code`` from
+:class:`ErrorCode`. Times are seconds on the session clock (``clock`` = the unix time of 0).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+MAX_PROMPT_NOTES = 4096
+MAX_PLAYED_NOTES = 512  # per "notes" frame
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes (the ``code`` of an error frame, a label of ``fm_errors_total``)."""
+
+    INVALID_JSON = "invalid_json"            # the frame is not a JSON object
+    UNKNOWN_TYPE = "unknown_type"            # "type" missing or not one of the client messages
+    INVALID_MESSAGE = "invalid_message"      # a field is missing, of the wrong type or out of range
+    INVALID_PROMPT = "invalid_prompt"        # prompt_midi is not a MIDI file (or holds no notes)
+    NOT_STARTED = "not_started"              # a message that needs a session before "start"
+    ALREADY_STARTED = "already_started"      # a second "start" on a live session
+    UNKNOWN_RESUME_TOKEN = "unknown_resume_token"  # expired (60 s), unknown, or in use
+    BINARY_FRAME = "binary_frame"            # frames must be JSON text
+    GENERATION_FAILED = "generation_failed"  # the model step for this session failed
+    SERVER_FULL = "server_full"              # too many sessions (also close code 1013)
+    TOO_LARGE = "too_large"                  # an upload or a request above a documented cap
+    UNREADABLE_NOTES = "unreadable_notes"    # played notes the model's vocabulary cannot hold (left out)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlayedNote(Strict):
+    """A note a person played, or a prompt note. ``start``/``duration`` in seconds."""
+
+    pitch: int = Field(ge=0, le=127, description="MIDI pitch 0-127")
+    velocity: int = Field(default=90, ge=1, le=127, description="MIDI velocity 1-127")
+    start: float = Field(ge=0, le=86_400, description="seconds: on the session clock for played "
+                         "notes; from the prompt's beginning for prompt notes")
+    duration: float = Field(default=0.25, gt=0, le=60, description="seconds")
+    voice: int = Field(default=0, ge=0, le=15, description="voice (track) 0-15")
+
+
+class Settings(Strict):
+    """Generation settings; every field optional (``None`` keeps the current value)."""
+
+    bpm: float | None = Field(default=None, ge=20, le=400, description="tempo, 20-400 beats per minute")
+    temperature: float | None = Field(default=None, gt=0, le=10, description="sampling temperature, > 0")
+    top_k: int | None = Field(default=None, ge=0, le=100_000, description="keep the k likeliest tokens (0 = all)")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus mass, in (0, 1]")
+    min_p: float | None = Field(default=None, ge=0, lt=1, description="drop tokens below min_p x the likeliest")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="random seed of the stream")
+
+
+class Prompt(Strict):
+    prompt_midi: str | None = Field(default=None, description="a .mid file, base64-encoded")
+    prompt_notes: list[PlayedNote] | None = Field(default=None, max_length=MAX_PROMPT_NOTES)
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if self.prompt_midi is not None and self.prompt_notes is not None:
+            raise ValueError("give prompt_midi or prompt_notes, not both")
+        return self
+
+
+# ----------------------------------------------------------------------------- client -> server
+class StartMessage(Settings, Prompt):
+    type: Literal["start"]
+    resume_token: str | None = Field(default=None, description="continue a dropped session")
+
+
+class NotesMessage(Strict):
+    type: Literal["notes"]
+    notes: list[PlayedNote] = Field(max_length=MAX_PLAYED_NOTES)
+
+
+class SetMessage(Settings):
+    type: Literal["set"]
+
+
+class PauseMessage(Strict):
+    type: Literal["pause"]
+
+
+class ResumeMessage(Strict):
+    type: Literal["resume"]
+
+
+class StopMessage(Strict):
+    type: Literal["stop"]
+
+
+ClientMessage = Annotated[
+    Union[StartMessage, NotesMessage, SetMessage, PauseMessage, ResumeMessage, StopMessage],
+    Field(discriminator="type")]
+client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+CLIENT_TYPES = ("start", "notes", "set", "pause", "resume", "stop")
+
+
+# ----------------------------------------------------------------------------- server -> client
+class SessionReply(BaseModel):
+    type: Literal["session"] = "session"
+    id: str
+    resume_token: str
+    clock: float = Field(description="unix time (seconds) of session time 0")
+    resumed: bool = False
+    lookahead: float = Field(description="notes are sent at most this many seconds before their start")
+
+
+class StateReply(BaseModel):
+    """Sent after start, set, pause and resume: the settings now in force."""
+
+    type: Literal["state"] = "state"
+    state: Literal["playing", "paused"]
+    bpm: float
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+
+
+class OutNote(BaseModel):
+    pitch: int
+    velocity: int
+    voice: int
+    start: float = Field(description="seconds on the session clock")
+    duration: float = Field(description="seconds")
+    beat: float = Field(description="beats since the session's first generated beat")
+
+
+class NotesReply(BaseModel):
+    type: Literal["notes"] = "notes"
+    notes: list[OutNote]
+
+
+class ErrorReply(BaseModel):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+
+
+class StoppedReply(BaseModel):
+    type: Literal["stopped"] = "stopped"
+    notes_sent: int
+
+
+# ----------------------------------------------------------------------------- POST /generate
+MAX_GENERATE_TOKENS = 4096
+
+
+class GenerateRequest(Settings, Prompt):
+    tokens: int = Field(default=512, ge=1, le=MAX_GENERATE_TOKENS,
+                        description=f"tokens to generate, 1-{MAX_GENERATE_TOKENS}")
+    include_prompt: bool = Field(default=False, description="put the prompt's notes before the continuation")
