@@ -24,7 +24,7 @@ class ServerConfig:
     max_batch: int = field(default=4096, metadata={"help": "streams advanced in one model step at most"})
     lookahead: float = field(default=0.5, metadata={
         "help": "seconds of music sent ahead of time (notes leave the server at most this early)"})
-    generate_ahead: float = field(default=1.0, metadata={
+    generate_ahead: float = field(default=0.5, metadata={
         "help": "seconds of music generated beyond the lookahead and held on the server, to absorb slow steps"})
     resume_seconds: float = field(default=60.0, metadata={
         "help": "how long a dropped session waits for its resume token"})
