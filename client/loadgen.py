@@ -118,16 +118,33 @@ def read_metrics(url: str) -> dict[str, float] | None:
     return values
 
 
-async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float) -> Report:
+async def watch(url: str, every: float, stop_at: float) -> None:
+    """Print the server's memory and state figures every ``every`` seconds (to stderr)."""
+    began = time.time()
+    while time.time() < stop_at:
+        values = await asyncio.to_thread(read_metrics, url) or {}
+        print(f"[{time.time() - began:7.0f} s] sessions {values.get('fm_sessions', float('nan')):.0f}  "
+              f"tokens {values.get('fm_tokens_total', float('nan')):.0f}  "
+              f"state {values.get('fm_session_state_bytes', float('nan')):.0f} B/session  "
+              f"slot {values.get('fm_session_slot_bytes', float('nan')):.0f} B/session  "
+              f"server RSS {values.get('process_resident_memory_bytes', float('nan')) / 2**20:.1f} MiB",
+              file=sys.stderr, flush=True)
+        await asyncio.sleep(every)
+
+
+async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float, every: float = 0) -> Report:
     before = read_metrics(metrics_url(url))
     began = time.time()
     stop_at = began + ramp + seconds
     tasks = []
+    watcher = asyncio.create_task(watch(metrics_url(url), every, stop_at)) if every > 0 else None
     for i in range(sessions):
         tasks.append(asyncio.create_task(run_session(url, i, seconds, start, stop_at)))
         if ramp:
             await asyncio.sleep(ramp / sessions)
     results = await asyncio.gather(*tasks)
+    if watcher is not None:
+        watcher.cancel()
     elapsed = time.time() - began
     after = read_metrics(metrics_url(url))
     headroom = [h for r in results for h in r.headroom]
@@ -176,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpm", type=float, default=120.0, help="tempo of every session")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default if unset)")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which the sessions are opened")
+    parser.add_argument("--watch", type=float, default=0.0,
+                        help="every this many seconds, print the server's sessions, tokens, state bytes per "
+                             "session and resident memory to stderr (0 = off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0:
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     start = {"bpm": args.bpm}
     if args.temperature is not None:
         start["temperature"] = args.temperature
-    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp))
+    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp, args.watch))
     print(json.dumps(asdict(report)) if args.json else format_report(report))
     return 0 if report.held == report.sessions else 1
 

@@ -637,7 +637,8 @@ class StreamDecoder:
         velocity, voice)`` on this stream's timeline, in any order.
 
         Onsets before :attr:`cursor` are moved up to it (a stream only moves forward); an onset the
-        vocabulary has no token for (for that pitch) moves to the next 16th, 8th or beat; BAR tokens
+        vocabulary has no token for (for that pitch) moves to the next 16th, 8th or beat, or a beat
+        later, inside its bar; BAR tokens
         of the current signature are emitted where the notes cross bar lines. The tokens are pushed
         into this decoder and returned (ids, velocity levels, voices) for the model to read;
         notes with no vocabulary entry are left out and counted in ``unknown``.
@@ -660,8 +661,9 @@ class StreamDecoder:
             voice = min(max(int(voice), 0), tok.config.max_voices - 1)
             level = tok.velocity_level(velocity)
             token = UNK
-            for step in snaps:  # the exact onset, then a 16th, an 8th, a beat (never before the cursor)
-                at = max(-(-onset // step) * step if step > 1 else onset, self.cursor)
+            # the exact onset, then the next 16th, 8th and beat, then a beat later (within the bar)
+            candidates = sorted({onset, onset + grid} | {(onset // step + 1) * step for step in snaps[1:]})
+            for at in candidates:
                 if at >= self.bar_end:
                     break
                 token = tok.lookup(TokenKey(NOTE, int(pitch), tok.snap_duration(beats), at - self.bar_start))

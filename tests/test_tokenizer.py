@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.midi_io import MidiReadError, read_midi
-from model.tokenizer import (BAR, NOTE, REST, TokenKey, Tokenizer, TokenizerConfig,
+from model.tokenizer import (BAR, NOTE, REST, StreamDecoder, TokenKey, Tokenizer, TokenizerConfig,
                              TokenizerError, TokenSequence)
 from tests.midi_builders import build_midi
 
@@ -284,3 +284,25 @@ def test_roundtrip_command_reports_a_bad_file(tmp_path):
     result = run_cli("roundtrip", str(bad), str(tmp_path / "out.mid"))
     assert result.returncode == 2
     assert "bad.mid" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_played_notes_join_a_stream_after_its_latest_onset():
+    # eighth notes cycling 60, 61, 62, 63: pitch 61 only ever sits at positions 6 and 30 of a bar
+    tok = fitted(build_midi([(b * 0.5, 0.5, 60 + (b % 4), 80, 0) for b in range(32)]))
+    d = tok.snap_duration(0.5)
+    decoder = StreamDecoder(tok)
+    for key in ("<BOS>", "BAR_4/4", f"NOTE_60_d{d}_p0"):
+        decoder.push(tok.index[TokenKey.parse(key)], 3, 0)
+    grid = tok.config.grid_per_beat
+    # (onset in grid steps, pitch, duration in beats, velocity, voice): one in the past (moves up to
+    # the cursor, then to the next 8th where the vocabulary has it), one in the next bar at a 16th
+    # the vocabulary lacks for that pitch, one in the bar after
+    played = decoder.encode_notes([(-5, 61, 0.5, 90, 0), (4 * grid + 6, 62, 0.5, 90, 0),
+                                   (8 * grid + 17, 63, 0.5, 90, 0)])
+    keys = [str(tok.vocab[t]) for t in played.ids]
+    assert keys == [f"NOTE_61_d{d}_p6", "BAR_4/4", f"NOTE_62_d{d}_p12", "BAR_4/4", f"NOTE_63_d{d}_p18"]
+    assert played.unknown == 0 and list(played.velocity) == [tok.velocity_level(90), 0, tok.velocity_level(90), 0,
+                                                             tok.velocity_level(90)]
+    assert decoder.bar == 2 and decoder.cursor == 8 * grid + 18
+    unknown = decoder.encode_notes([(decoder.cursor, 20, 0.5, 90, 0)])  # a pitch never seen
+    assert len(unknown) == 0 and unknown.unknown == 1
