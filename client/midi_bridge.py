@@ -1,0 +1,493 @@
+"""Play an FM Server stream into a DAW through a virtual MIDI port: ``python -m client.midi_bridge``.
+
+The bridge is one WebSocket client of ``/ws`` (see ``server/protocol.py``) and one MIDI output:
+
+1. It opens a virtual output port (``--port-name``, default "FM Server") on JACK, ALSA or CoreMIDI
+   (``--api``; on Windows, where rtmidi cannot make virtual ports, an existing loopMIDI port of
+   that name), and with ``--input PORT`` a MIDI input.
+2. It connects to ``--url`` and sends ``start`` with the settings given on the command line and
+   an optional ``--prompt_midi`` file.
+3. The server answers ``session`` (``clock``: the unix time of session time 0, and a resume
+   token) and then ``notes``; each note is handed to :class:`MidiScheduler`, which sends its
+   note-on at ``clock + start`` and its note-off ``duration`` later, from one thread that sleeps
+   until just before each deadline and spins the last millisecond.
+4. Notes played on the input are sent to the session as ``notes`` (``start`` on the session
+   clock) when they are released.
+5. If the connection drops, every sounding note is turned off and the bridge reconnects with
+   ``{"type":"start","resume_token":...}`` for as long as the server keeps the session (60 s).
+6. Ctrl-C (or SIGTERM) sends ``stop``, waits briefly for ``stopped``, turns every note off and
+   closes the ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from server.protocol import MAX_PLAYED_NOTES, Settings
+
+logger = logging.getLogger(__name__)
+
+NOTE_OFF, NOTE_ON, CONTROL = 0x80, 0x90, 0xB0
+ALL_NOTES_OFF = 123
+RESUME_SECONDS = 60.0          # how long the server keeps a dropped session
+BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+STOP_WAIT_SECONDS = 2.0
+APIS = ("auto", "jack", "alsa", "coremidi", "winmm")
+
+
+# ----------------------------------------------------------------------------- MIDI ports
+def _rtmidi():
+    import rtmidi  # imported late so that --help works without the native library
+
+    return rtmidi
+
+
+def api_candidates(name: str) -> list[int]:
+    """rtmidi API constants to try for ``--api NAME``, best first."""
+    rtmidi = _rtmidi()
+    named = {"jack": rtmidi.API_UNIX_JACK, "alsa": rtmidi.API_LINUX_ALSA, "coremidi": rtmidi.API_MACOSX_CORE,
+             "winmm": rtmidi.API_WINDOWS_MM}
+    if name != "auto":
+        return [named[name]]
+    compiled = rtmidi.get_compiled_api()
+    # JACK first where a JACK server runs (it is what a Linux studio routes through), then ALSA.
+    order = [rtmidi.API_UNIX_JACK, rtmidi.API_LINUX_ALSA, rtmidi.API_MACOSX_CORE, rtmidi.API_WINDOWS_MM]
+    return [api for api in order if api in compiled]
+
+
+def open_output(api_name: str, port_name: str):
+    """Opens the output the DAW records from; returns (MidiOut, API name, description)."""
+    rtmidi = _rtmidi()
+    # Never let libjack start a JACK server of its own with whatever backend it finds.
+    os.environ.setdefault("JACK_NO_START_SERVER", "1")
+    errors = []
+    for api in api_candidates(api_name):
+        label = rtmidi.get_api_name(api)
+        try:
+            out = rtmidi.MidiOut(api, port_name)
+        except (rtmidi.SystemError, RuntimeError) as exc:  # no JACK server, no ALSA sequencer, ...
+            errors.append(f"{label}: {exc}")
+            continue
+        try:
+            out.open_virtual_port(port_name)
+            return out, label, f"virtual port '{port_name}'"
+        except NotImplementedError:
+            # Windows MM cannot create ports: use one made by loopMIDI (or a similar driver).
+            index = find_port(out.get_ports(), port_name)
+            if index is None:
+                errors.append(f"{label}: cannot create virtual ports; create a port named '{port_name}' with "
+                              f"loopMIDI first (ports now: {out.get_ports() or 'none'})")
+                del out
+                continue
+            out.open_port(index)
+            return out, label, f"port '{out.get_ports()[index]}'"
+        except (rtmidi.SystemError, RuntimeError) as exc:
+            errors.append(f"{label}: {exc}")
+            del out
+    raise SystemExit("cannot open a MIDI output:\n  " + "\n  ".join(errors or ["no MIDI API compiled in"]))
+
+
+def find_port(ports: list[str], name: str) -> int | None:
+    """Index of the port called ``name``: exact match first, then a case-insensitive substring."""
+    if name in ports:
+        return ports.index(name)
+    matches = [i for i, port in enumerate(ports) if name.lower() in port.lower()]
+    return matches[0] if matches else None
+
+
+def open_input(api_label: str, port_name: str, client_name: str):
+    rtmidi = _rtmidi()
+    api = {rtmidi.get_api_name(a): a for a in rtmidi.get_compiled_api()}[api_label]
+    inp = rtmidi.MidiIn(api, client_name)
+    ports = inp.get_ports()
+    index = find_port(ports, port_name)
+    if index is None:
+        raise SystemExit(f"no MIDI input matches '{port_name}'; inputs: {', '.join(ports) or 'none'}")
+    inp.open_port(index)
+    inp.ignore_types(sysex=True, timing=True, active_sense=True)
+    return inp, ports[index]
+
+
+# ----------------------------------------------------------------------------- the scheduler
+class MidiScheduler:
+    """Sends note-ons and note-offs at unix times, from one thread.
+
+    The thread waits on a condition until ``SPIN_SECONDS`` before the earliest deadline (a new,
+    earlier note wakes it), then spins to the deadline and sends everything due. A key struck again
+    while it sounds is released and struck again, and only the last of its note-offs is sent, so
+    overlapping notes of one pitch never cut each other short. :meth:`all_notes_off` drops what is
+    pending and silences what sounds.
+    """
+
+    SPIN_SECONDS = 0.001
+
+    def __init__(self, send) -> None:
+        self._send = send                      # callable taking a list of MIDI bytes
+        self._heap: list[tuple[float, int, int, int, int, int]] = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._sounding: Counter[tuple[int, int]] = Counter()
+        self._channels: set[int] = set()
+        self._closed = False
+        self.sent_notes = 0
+        self.lateness: list[float] = []        # seconds each note-on left after its deadline
+        self.sync_clock()
+        self._thread = threading.Thread(target=self._run, name="midi-scheduler", daemon=True)
+        self._thread.start()
+
+    def sync_clock(self) -> None:
+        """Re-reads the offset between the wall clock (the session's) and the monotonic clock."""
+        self._offset = time.time() - time.perf_counter()
+
+    def note(self, at: float, duration: float, channel: int, pitch: int, velocity: int) -> None:
+        """Plays ``pitch`` from unix time ``at`` for ``duration`` seconds."""
+        on = at - self._offset
+        with self._cv:
+            if self._closed:
+                return
+            # At one instant note-offs go before note-ons, so a repeated note is re-struck.
+            heapq.heappush(self._heap, (on, 1, next(self._order), channel, pitch, velocity))
+            heapq.heappush(self._heap, (on + max(duration, 0.001), 0, next(self._order), channel, pitch, 0))
+            self._cv.notify()  # the thread re-reads the earliest deadline
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def all_notes_off(self) -> None:
+        """Drops every pending event and sends a note-off for every sounding note."""
+        with self._cv:
+            self._heap.clear()
+            self._silence()
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._silence()
+            self._cv.notify()
+        self._thread.join(timeout=2)
+
+    def _silence(self) -> None:
+        for (channel, pitch), count in self._sounding.items():
+            if count:
+                self._send([NOTE_OFF | channel, pitch, 0])
+        for channel in sorted(self._channels):
+            self._send([CONTROL | channel, ALL_NOTES_OFF, 0])
+        self._sounding.clear()
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                deadline = self._heap[0][0]
+                wait = deadline - time.perf_counter()
+                if wait > self.SPIN_SECONDS:
+                    self._cv.wait(wait - self.SPIN_SECONDS)
+                    continue
+                self._cv.release()
+                try:
+                    while time.perf_counter() < deadline:
+                        pass
+                finally:
+                    self._cv.acquire()
+                now = time.perf_counter()
+                while self._heap and self._heap[0][0] <= now:
+                    self._emit(heapq.heappop(self._heap), now)
+
+    def _emit(self, event: tuple[float, int, int, int, int, int], now: float) -> None:
+        deadline, is_on, _, channel, pitch, velocity = event
+        key = (channel, pitch)
+        if is_on:
+            if self._sounding[key]:
+                self._send([NOTE_OFF | channel, pitch, 0])
+            self._sounding[key] += 1
+            self._channels.add(channel)
+            self._send([NOTE_ON | channel, pitch, velocity])
+            self.sent_notes += 1
+            self.lateness.append(time.perf_counter() - deadline)
+        elif self._sounding[key]:
+            self._sounding[key] -= 1
+            if not self._sounding[key]:
+                self._send([NOTE_OFF | channel, pitch, 0])
+
+
+# ----------------------------------------------------------------------------- the bridge
+class Bridge:
+    """The WebSocket side: one session, resumed across dropped connections."""
+
+    def __init__(self, url: str, start: dict, scheduler: MidiScheduler, channel: int | None = None) -> None:
+        self.url = url
+        self.start = start
+        self.scheduler = scheduler
+        self.channel = channel
+        self.ws: ClientConnection | None = None
+        self.clock: float | None = None
+        self.token: str | None = None
+        self.live = False
+        self.stopping = False
+        self.stopped = False
+        self.received = 0
+        self.played_sent = 0
+        self._held: dict[tuple[int, int], tuple[float, int]] = {}
+        self._unsent: list[dict] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._went_live = False
+
+    async def run(self) -> int:
+        """Runs until stopped; returns the exit status."""
+        self._loop = asyncio.get_running_loop()
+        attempt, lost_at = 0, None
+        while not self.stopping:
+            first = {"type": "start", "resume_token": self.token} if self.token else {"type": "start", **self.start}
+            self._went_live = False
+            try:
+                async with connect(self.url, open_timeout=10, max_size=1 << 22) as ws:
+                    self.ws = ws
+                    if self.stopping:
+                        break
+                    await ws.send(json.dumps(first))
+                    await self._receive(ws)
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                if code == 1013:
+                    logger.error("the server is full (close code 1013); try again later")
+                    return 3
+                if not (self.stopped or self.stopping):
+                    logger.warning("connection lost (%s)", exc)
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                logger.warning("cannot connect to %s: %s", self.url, exc)
+            finally:
+                self.ws = None
+                self.live = False
+                self.scheduler.all_notes_off()  # nothing may hang while we are away
+            if self.stopped or self.stopping:
+                break
+            if self._went_live:
+                attempt, lost_at = 0, None
+            lost_at = lost_at or time.monotonic()
+            if time.monotonic() - lost_at > RESUME_SECONDS:
+                logger.error("gave up after %.0f s without a connection", RESUME_SECONDS)
+                return 1
+            delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
+            attempt += 1
+            logger.info("reconnecting in %.2f s%s", delay, " with the resume token" if self.token else "")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+        return 0
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            try:
+                msg = json.loads(raw)
+                kind = msg["type"]
+            except (ValueError, KeyError, TypeError):
+                logger.warning("ignoring a frame that is not a protocol message: %.80r", raw)
+                continue
+            if kind == "session":
+                self.clock = float(msg["clock"])
+                self.token = msg["resume_token"]
+                self.live = self._went_live = True
+                self.scheduler.sync_clock()
+                logger.info("%s session %s (lookahead %.2f s)", "resumed" if msg.get("resumed") else "started",
+                            msg["id"], msg.get("lookahead", 0))
+                await self._flush_played()
+            elif kind == "state":
+                logger.info("%s: %s", msg.get("state"),
+                            ", ".join(f"{k}={v}" for k, v in msg.items() if k not in ("type", "state")))
+            elif kind == "notes":
+                self._schedule(msg["notes"])
+            elif kind == "error":
+                logger.warning("server error %s: %s", msg.get("code"), msg.get("message"))
+                if msg.get("code") == "unknown_resume_token":
+                    # The session is gone (expired or never known): begin a new one.
+                    self.token = None
+                    await ws.close()
+            elif kind == "stopped":
+                self.stopped = True
+                logger.info("stopped after %s notes", msg.get("notes_sent"))
+
+    def _schedule(self, notes: list[dict]) -> None:
+        clock = self.clock
+        for n in notes:
+            channel = self.channel if self.channel is not None else int(n.get("voice", 0)) % 16
+            self.scheduler.note(clock + float(n["start"]), float(n["duration"]), channel, int(n["pitch"]),
+                                int(n["velocity"]))
+        self.received += len(notes)
+
+    async def stop(self) -> None:
+        """Asks the server to stop; closes the connection if it does not answer in time."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._wake.set()
+        ws = self.ws
+        if ws is None:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            if self.live:
+                await ws.send(json.dumps({"type": "stop"}))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ws.wait_closed(), STOP_WAIT_SECONDS)
+            await ws.close()
+
+    # ---- played notes (called from the MIDI input thread)
+    def on_midi(self, event, _data=None) -> None:
+        message, _delta = event
+        stamp = time.time()
+        if self._loop is not None and len(message) == 3:
+            self._loop.call_soon_threadsafe(self._played, message, stamp)
+
+    def _played(self, message: list[int], stamp: float) -> None:
+        status, pitch, velocity = message
+        kind, channel = status & 0xF0, status & 0x0F
+        key = (channel, pitch)
+        if kind == NOTE_ON and velocity > 0:
+            self._held[key] = (stamp, velocity)
+        elif kind in (NOTE_OFF, NOTE_ON) and key in self._held:
+            began, velocity = self._held.pop(key)
+            self._unsent.append({"began": began, "pitch": pitch, "velocity": velocity,
+                                 "duration": min(60.0, max(0.01, stamp - began)), "voice": channel})
+            asyncio.ensure_future(self._flush_played())
+
+    async def _flush_played(self) -> None:
+        if not self.live or not self._unsent or self.ws is None:
+            return
+        notes = []
+        for n in self._unsent:
+            start = n["began"] - self.clock
+            if start >= 0:  # played before the session began: nothing to fold it into
+                notes.append({"pitch": n["pitch"], "velocity": n["velocity"], "start": round(start, 4),
+                              "duration": round(n["duration"], 4), "voice": n["voice"]})
+        self._unsent = []
+        for i in range(0, len(notes), MAX_PLAYED_NOTES):
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(json.dumps({"type": "notes", "notes": notes[i:i + MAX_PLAYED_NOTES]}))
+                self.played_sent += len(notes[i:i + MAX_PLAYED_NOTES])
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client.midi_bridge", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the server's WebSocket address")
+    parser.add_argument("--port-name", default="FM Server",
+                        help="name of the virtual output port (on Windows: of the loopMIDI port to open)")
+    parser.add_argument("--api", choices=APIS, default="auto",
+                        help="MIDI system: auto picks JACK when a JACK server runs, else ALSA (Linux), "
+                             "CoreMIDI (macOS) or Windows MM")
+    parser.add_argument("--input", metavar="PORT", default=None,
+                        help="forward notes played on this MIDI input (exact name or a part of it) to the session")
+    parser.add_argument("--channel", type=int, choices=range(1, 17), metavar="1-16", default=None,
+                        help="send every voice on this channel (default: voice n on channel n+1)")
+    parser.add_argument("--list-ports", action="store_true", help="list the MIDI inputs and outputs and exit")
+    parser.add_argument("--prompt_midi", "--prompt-midi", metavar="FILE", type=Path, default=None,
+                        help="a .mid file the session continues")
+    start = parser.add_argument_group("start parameters (omitted ones take the server's defaults)")
+    for name, field in Settings.model_fields.items():
+        kind = int if field.annotation == (int | None) else float
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        start.add_argument(*flags, dest=name, type=kind, default=None, help=field.description)
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="logging level")
+    return parser
+
+
+def start_message(args: argparse.Namespace) -> dict:
+    """The ``start`` fields from the command line, checked against the protocol's ``Settings``."""
+    settings = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
+    Settings.model_validate(settings)
+    if args.prompt_midi is not None:
+        settings["prompt_midi"] = base64.b64encode(args.prompt_midi.read_bytes()).decode("ascii")
+    return settings
+
+
+def list_ports(api_name: str) -> None:
+    rtmidi = _rtmidi()
+    os.environ.setdefault("JACK_NO_START_SERVER", "1")
+    for api in api_candidates(api_name):
+        label = rtmidi.get_api_name(api)
+        try:
+            ins, outs = rtmidi.MidiIn(api).get_ports(), rtmidi.MidiOut(api).get_ports()
+        except (rtmidi.SystemError, RuntimeError) as exc:
+            print(f"{label}: unavailable ({exc})")
+            continue
+        print(f"{label} inputs:  {', '.join(ins) or 'none'}")
+        print(f"{label} outputs: {', '.join(outs) or 'none'}")
+
+
+def summary(scheduler: MidiScheduler) -> str:
+    late = sorted(scheduler.lateness)
+    if not late:
+        return "no notes played"
+    p50 = statistics.median(late) * 1000
+    p99 = late[min(len(late) - 1, int(0.99 * len(late)))] * 1000
+    return f"{scheduler.sent_notes} notes; note-on sent after its time by p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+
+async def amain(args: argparse.Namespace) -> int:
+    try:
+        start = start_message(args)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"bad start parameters: {exc}") from exc
+    out, api_label, described = open_output(args.api, args.port_name)
+    logger.info("MIDI output: %s on %s", described, api_label)
+    scheduler = MidiScheduler(out.send_message)
+    bridge = Bridge(args.url, start, scheduler, channel=None if args.channel is None else args.channel - 1)
+    inp = None
+    try:
+        if args.input:
+            inp, name = open_input(api_label, args.input, f"{args.port_name} input")
+            inp.set_callback(bridge.on_midi)
+            logger.info("MIDI input: %s", name)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bridge.stop()))
+        status = await bridge.run()
+    finally:
+        if inp is not None:
+            inp.cancel_callback()
+            inp.close_port()
+        scheduler.close()  # all notes off
+        out.close_port()
+        logger.info("%s", summary(scheduler))
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    if args.list_ports:
+        list_ports(args.api)
+        return 0
+    try:
+        return asyncio.run(amain(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
