@@ -259,7 +259,7 @@ def test_every_server_setting_passes_through(docker_compose, name):
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_server_restarts_on_failure(docker_compose, name):
-    assert resolved(docker_compose, name)["server"]["restart"] == "unless-stopped"
+    assert resolved(docker_compose, name)["server"]["restart"] == "on-failure"
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
