@@ -1,0 +1,253 @@
+"""The browser page (client/web) in real headless Chromium against a real server.
+
+Python playwright drives Debian's /usr/bin/chromium (never a downloaded browser). The server runs in
+a thread (``live_server``), so playwright's sync API owns this thread. Every test fails on a console
+error, an uncaught exception, or a request to anything but loopback. Screenshots go to
+``tests/artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mido
+import pytest
+
+from tests.midi_builders import build_midi
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail(f"{CHROMIUM} not found: run `make test-deps` (installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+class PageUnderTest:
+    """A page on the live server with what it logged, requested and sent over its WebSocket."""
+
+    def __init__(self, page, base_url: str) -> None:
+        self.page = page
+        self.base_url = base_url
+        self.problems: list[str] = []
+        self.requests: list[str] = []
+        self.sent: list[dict] = []
+        self.received: list[dict] = []
+        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}"))
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("websocket", self._socket)
+
+    def _socket(self, ws) -> None:
+        ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
+        ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
+
+    def sent_of(self, kind: str) -> list[dict]:
+        return [m for m in self.sent if m.get("type") == kind]
+
+    def stats(self) -> dict:
+        return self.page.evaluate("() => window.fm.stats")
+
+    def start(self, notes: int = 12, timeout_ms: int = 60_000) -> None:
+        self.page.click("#start")
+        self.page.wait_for_function(f"window.fm.stats.received >= {notes}", timeout=timeout_ms)
+
+    def outside_requests(self) -> list[str]:
+        bad = []
+        for url in self.requests:
+            parsed = urlparse(url)
+            if parsed.scheme in ("data", "blob"):
+                continue
+            if parsed.hostname not in LOOPBACK and f"[{parsed.hostname}]" not in LOOPBACK:
+                bad.append(url)
+        return bad
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 760}, accept_downloads=True)
+    pg = context.new_page()
+    under_test = PageUnderTest(pg, live_server.http_url)
+    pg.goto(live_server.http_url + "/")
+    pg.wait_for_function("window.fm !== undefined && typeof Midi === 'function'")
+    yield under_test
+    if under_test.page.evaluate("() => window.fm.session !== null"):
+        pg.click("#start")  # Stop, so the server's session ends cleanly
+        pg.wait_for_function("window.fm.session === null", timeout=10_000)
+    context.close()
+    assert not under_test.problems, under_test.problems
+    assert not under_test.outside_requests(), under_test.outside_requests()
+
+
+def canvas_ink(pg) -> int:
+    """Pixels of the piano roll that are bright (notes, playhead, keys) rather than background."""
+    return pg.evaluate("""() => {
+        const c = document.getElementById('roll');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] > 200) n++;
+        return n;
+    }""")
+
+
+def test_page_loads_offline_with_its_controls(page):
+    pg = page.page
+    assert pg.title() == "FM Server"
+    for selector in ("#start", "#pause", "#download", "#volume", "#mute", "#bpm", "#temperature", "#top_k",
+                     "#top_p", "#seed", "#prompt-file", "#keys .key", "#roll"):
+        assert pg.locator(selector).count() >= 1, selector
+    assert pg.input_value("#ws-url") == page.base_url.replace("http://", "ws://") + "/ws"
+    assert pg.inner_text("#status-text") == "not connected"
+    assert page.requests, "the page made no requests at all"
+    assert not page.outside_requests()
+
+
+def test_stream_is_drawn_scheduled_and_shown(page):
+    pg = page.page
+    idle_ink = canvas_ink(pg)
+    page.start(notes=24)
+    pg.wait_for_timeout(1500)  # let the earliest notes reach the playhead
+    stats = page.stats()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "web_page_stream.png"
+    pg.screenshot(path=str(shot))
+    print(f"screenshot: {shot}; stats: {stats}")
+
+    received = sum(len(m["notes"]) for m in page.received if m["type"] == "notes")
+    assert stats["received"] >= 24 and stats["received"] <= received
+    assert stats["scheduled"] >= stats["received"], stats
+    assert stats["dropped"] == 0, stats
+    assert canvas_ink(pg) > idle_ink + 200, "the piano roll drew no notes"
+    audio = pg.evaluate("""async () => {
+        const c = window.fm.synth.ctx, t0 = c.currentTime;
+        await new Promise(r => setTimeout(r, 300));
+        return [c.state, c.currentTime - t0];
+    }""")
+    assert audio[0] == "running" and audio[1] > 0.1, audio
+    assert pg.inner_text("#status-text").startswith("playing")
+    assert pg.inner_text("#stat-notes").endswith("notes") and pg.inner_text("#stat-notes") != "0 notes"
+    assert "headroom" in pg.inner_text("#stat-headroom")
+    session = next(m for m in page.received if m["type"] == "session")
+    assert page.sent[0]["type"] == "start" and session["clock"] > 0
+
+
+def test_changing_temperature_sends_set(page):
+    pg = page.page
+    page.start(notes=1)
+    pg.fill("#temperature", "1.3")
+    pg.wait_for_function("document.getElementById('temperature-out').textContent === '1.30'")
+    deadline = time.monotonic() + 10
+    while not any(m["type"] == "state" and m["temperature"] == pytest.approx(1.3) for m in page.received):
+        assert time.monotonic() < deadline, f"no state with temperature 1.3; sent {page.sent_of('set')}"
+        pg.wait_for_timeout(50)
+    assert page.sent_of("set")[-1] == {"type": "set", "temperature": 1.3}
+
+
+def test_typed_keys_sound_at_once_and_go_to_the_session(page):
+    pg = page.page
+    page.start(notes=1)
+    clock = next(m for m in page.received if m["type"] == "session")["clock"]
+    pressed = time.time()
+    pg.keyboard.down("a")
+    pg.wait_for_timeout(200)
+    assert page.stats()["live"] == 1, "a key held on the keyboard is not sounding"
+    assert pg.locator('#keys .key[data-pitch="60"].pressed').count() == 1
+    pg.keyboard.up("a")
+    pg.keyboard.press("h")  # A4
+    pg.wait_for_function("window.fm.stats.sent >= 2")
+    played = [n for m in page.sent_of("notes") for n in m["notes"]]
+    assert [n["pitch"] for n in played] == [60, 69]
+    first = played[0]
+    assert first["start"] == pytest.approx(pressed - clock, abs=0.5)
+    assert 0.15 < first["duration"] < 1.0
+    assert pg.evaluate("() => window.fm.roll.notes.filter(n => n.played).length") == 2
+
+
+def test_on_screen_keyboard_plays(page):
+    pg = page.page
+    page.start(notes=1)
+    key = pg.locator('#keys .key[data-pitch="64"]')
+    key.hover()
+    pg.mouse.down()
+    pg.wait_for_timeout(150)
+    pg.mouse.up()
+    pg.wait_for_function("window.fm.stats.sent >= 1")
+    assert page.sent_of("notes")[-1]["notes"][0]["pitch"] == 64
+
+
+def test_download_is_a_midi_file_of_the_session(page, tmp_path):
+    pg = page.page
+    page.start(notes=16)
+    pg.keyboard.press("d")  # E4, played
+    pg.wait_for_function("window.fm.stats.sent >= 1")
+    pg.click("#start")  # Stop: the session so far is now fixed
+    pg.wait_for_function("window.fm.session === null")
+    with pg.expect_download() as info:
+        pg.click("#download")
+    path = tmp_path / "session.mid"
+    info.value.save_as(path)
+    assert info.value.suggested_filename.endswith(".mid")
+    midi = mido.MidiFile(path)
+    pitches = {t.name: sorted(m.note for m in t if m.type == "note_on" and m.velocity > 0) for t in midi.tracks}
+    assert pitches.pop("played") == [64]
+    server = sorted(n["pitch"] for m in page.received if m["type"] == "notes" for n in m["notes"])
+    assert len(server) >= 16
+    assert sorted(p for track in pitches.values() for p in track) == server
+    assert midi.length > 1
+
+
+def test_midi_file_prompt_is_sent_with_start(page, tmp_path):
+    pg = page.page
+    prompt = tmp_path / "prompt.mid"
+    prompt.write_bytes(build_midi([(b * 0.5, 0.5, 60 + (0, 4, 7, 12)[b % 4]) for b in range(16)]))
+    pg.set_input_files("#prompt-file", str(prompt))
+    pg.wait_for_function("document.getElementById('prompt-text').textContent.includes('16 notes')")
+    page.start(notes=4)
+    start = page.sent_of("start")[0]
+    assert "prompt_midi" in start and "prompt_notes" not in start
+    import base64
+
+    assert mido.MidiFile(file=io.BytesIO(base64.b64decode(start["prompt_midi"]))).length > 0
+
+
+def test_notes_played_before_start_become_the_prompt(page):
+    pg = page.page
+    for key in "asdf":
+        pg.keyboard.press(key)
+    pg.wait_for_function("document.getElementById('prompt-text').textContent.includes('4 played notes')")
+    page.start(notes=1)
+    start = page.sent_of("start")[0]
+    assert [n["pitch"] for n in start["prompt_notes"]] == [60, 62, 64, 65]
+    assert start["prompt_notes"][0]["start"] == 0
+
+
+def test_pause_resume_and_stop(page):
+    pg = page.page
+    page.start(notes=1)
+    pg.click("#pause")
+    pg.wait_for_function("document.getElementById('status-text').textContent.startsWith('paused')")
+    pg.click("#pause")
+    pg.wait_for_function("document.getElementById('status-text').textContent.startsWith('playing')")
+    pg.click("#start")  # now "Stop"
+    pg.wait_for_function("window.fm.session === null")
+    assert [m["type"] for m in page.sent][-3:] == ["pause", "resume", "stop"]
+    assert any(m["type"] == "stopped" for m in page.received)
+    assert pg.inner_text("#start").strip().endswith("Start")
