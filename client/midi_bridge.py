@@ -50,6 +50,7 @@ ALL_NOTES_OFF = 123
 RESUME_SECONDS = 60.0          # how long the server keeps a dropped session
 BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 STOP_WAIT_SECONDS = 2.0
+EARLY_SECONDS = 2.0            # played notes this long before session time 0 still go in, at 0
 APIS = ("auto", "jack", "alsa", "coremidi", "winmm")
 
 
@@ -127,6 +128,17 @@ def open_input(api_label: str, port_name: str, client_name: str):
 
 
 # ----------------------------------------------------------------------------- the scheduler
+def _realtime_priority() -> None:
+    """Asks for real-time scheduling for the calling thread, as JACK does for its own (best effort)."""
+    if not hasattr(os, "sched_setscheduler"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        logger.debug("scheduler thread runs with real-time priority")
+    except OSError as exc:  # not permitted (no rtprio limit for this user): plain priority still works
+        logger.debug("no real-time priority for the scheduler thread: %s", exc)
+
+
 class MidiScheduler:
     """Sends note-ons and note-offs at unix times, from one thread.
 
@@ -196,6 +208,7 @@ class MidiScheduler:
         self._sounding.clear()
 
     def _run(self) -> None:
+        _realtime_priority()
         with self._cv:
             while not self._closed:
                 if not self._heap:
@@ -231,6 +244,36 @@ class MidiScheduler:
             self._sounding[key] -= 1
             if not self._sounding[key]:
                 self._send([NOTE_OFF | channel, pitch, 0])
+
+
+class InputReader:
+    """Polls a MIDI input from a thread and hands each message with its arrival time to ``handle``.
+
+    Polling (every half millisecond) rather than rtmidi's callback keeps Python, and its GIL, out
+    of the MIDI system's own thread (JACK's process cycle).
+    """
+
+    POLL_SECONDS = 0.0005
+
+    def __init__(self, midi_in, handle) -> None:
+        self._in = midi_in
+        self._handle = handle
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="midi-input", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._running:
+            item = self._in.get_message()
+            if item is None:
+                time.sleep(self.POLL_SECONDS)
+            else:
+                self._handle(item[0], time.time())
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(timeout=2)
+        self._in.close_port()
 
 
 # ----------------------------------------------------------------------------- the bridge
@@ -353,10 +396,8 @@ class Bridge:
                     await asyncio.wait_for(ws.wait_closed(), STOP_WAIT_SECONDS)
             await ws.close()
 
-    # ---- played notes (called from the MIDI input thread)
-    def on_midi(self, event, _data=None) -> None:
-        message, _delta = event
-        stamp = time.time()
+    # ---- played notes (from the MIDI input thread)
+    def on_midi(self, message: list[int], stamp: float) -> None:
         if self._loop is not None and len(message) == 3:
             self._loop.call_soon_threadsafe(self._played, message, stamp)
 
@@ -378,9 +419,12 @@ class Bridge:
         notes = []
         for n in self._unsent:
             start = n["began"] - self.clock
-            if start >= 0:  # played before the session began: nothing to fold it into
-                notes.append({"pitch": n["pitch"], "velocity": n["velocity"], "start": round(start, 4),
-                              "duration": round(n["duration"], 4), "voice": n["voice"]})
+            if start < -EARLY_SECONDS:  # long before the session began: nothing to fold it into
+                logger.debug("dropping a note played %.1f s before the session began", -start)
+                continue
+            # The session clock starts a lookahead after "session": a note played in between opens it.
+            notes.append({"pitch": n["pitch"], "velocity": n["velocity"], "start": round(max(0.0, start), 4),
+                          "duration": round(n["duration"], 4), "voice": n["voice"]})
         self._unsent = []
         for i in range(0, len(notes), MAX_PLAYED_NOTES):
             with contextlib.suppress(ConnectionClosed):
@@ -456,11 +500,11 @@ async def amain(args: argparse.Namespace) -> int:
     logger.info("MIDI output: %s on %s", described, api_label)
     scheduler = MidiScheduler(out.send_message)
     bridge = Bridge(args.url, start, scheduler, channel=None if args.channel is None else args.channel - 1)
-    inp = None
+    reader = None
     try:
         if args.input:
             inp, name = open_input(api_label, args.input, f"{args.port_name} input")
-            inp.set_callback(bridge.on_midi)
+            reader = InputReader(inp, bridge.on_midi)
             logger.info("MIDI input: %s", name)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -468,9 +512,8 @@ async def amain(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bridge.stop()))
         status = await bridge.run()
     finally:
-        if inp is not None:
-            inp.cancel_callback()
-            inp.close_port()
+        if reader is not None:
+            reader.close()
         scheduler.close()  # all notes off
         out.close_port()
         logger.info("%s", summary(scheduler))
