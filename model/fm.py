@@ -29,6 +29,13 @@ per stream, ``step`` still O(1); the parallel pass computes the decayed sums wit
 inside chunks of ``DECAY_CHUNK`` positions (rescaled by ``lam**-i``, which stays finite there)
 plus one carry per chunk. With ``demod``, a decayed group is scaled by 1/sqrt(min(t+1, tau)).
 
+``ModelConfig.head = "factored"`` builds each token's output row from shared parts instead of
+one free row per token: a row for its (kind, pitch), one for its (kind, duration) and one for its
+(kind, bar position), summed, plus a per-token bias. The corpus has ~20 occurrences per vocabulary
+entry, so a free row learns slowly; a shared pitch row learns from every note of that pitch. The
+token -> parts table comes from the tokenizer (:meth:`FieldMachine.set_vocabulary`) and is saved
+with the weights.
+
 ``ModelConfig.field_dropout`` drops channels of the decoder's view of the field while training.
 
 Shapes: B streams or sequences, T positions, V vocabulary, D = ``dim``.
@@ -45,6 +52,7 @@ from torch import Tensor, nn
 
 DNA_FLOATS = 7  # the tokenizer's continuous DNA values (model.tokenizer.DNA_FLOATS)
 READOUTS = ("field", "demod")
+HEADS = ("free", "factored")
 DECAY_CHUNK = 32  # positions per chunk of the decayed cumulative sum; exp(32 / tau) for tau >= 1
 
 
@@ -76,11 +84,14 @@ class ModelConfig:
     readout: str = field(default="demod", metadata={"help": "How the decoder reads the field: 'field' (the seed's) or 'demod'.", "choices": READOUTS})
     direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
     decays: str = field(default="", metadata={"help": "Comma-separated decay time constants in tokens for groups of field channels, dealt pair by pair (0 = no decay; empty = one undecayed field, the seed's)."})
+    head: str = field(default="free", metadata={"help": "Next-token head: 'free' (one learned row per token) or 'factored' (rows summed from the token's pitch, duration and position parts).", "choices": HEADS})
     field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, not {self.readout!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {self.head!r}")
         if self.dim % 2:
             raise ValueError("dim must be even (the position code pairs sin and cos)")
         if self.vocab_size < 5 or self.decoder_layers < 1 or self.decoder_hidden < 1:
@@ -142,7 +153,8 @@ class FieldMachine(nn.Module):
             layers += [nn.Linear(width, c.decoder_hidden), nn.GELU(), nn.Dropout(c.dropout)]
             width = c.decoder_hidden
         self.decoder = nn.Sequential(*layers)
-        self.token_head = nn.Linear(width, c.vocab_size)
+        self.token_head = (FactoredHead(c.vocab_size, width) if c.head == "factored"
+                           else nn.Linear(width, c.vocab_size))
         self.velocity_head = nn.Linear(width, c.velocity_levels)
         self.voice_head = nn.Linear(width, c.max_voices)
         self.field_dropout = nn.Dropout(c.field_dropout)
@@ -286,6 +298,44 @@ class FieldMachine(nn.Module):
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def set_vocabulary(self, vocab) -> None:
+        """Give a factored head its token -> parts table (a no-op for the free head)."""
+        if isinstance(self.token_head, FactoredHead):
+            self.token_head.set_vocabulary(vocab)
+
+
+class FactoredHead(nn.Module):
+    """Logits ``h @ W.T + b`` with ``W[token] = P[kind, a] + Q[kind, b] + R[kind, c]``.
+
+    (a, b, c) are the token key's fields (:class:`model.tokenizer.TokenKey`: pitch, duration
+    index, position for a NOTE; numerator, denominator for a BAR; -1 where unused), clamped to
+    the table sizes. ``parts`` (V, 3) is a saved buffer of row indices.
+    """
+
+    SIZES = (130, 33, 257)  # a + 1, b + 1, c + 1 are clamped to [0, size)
+    KINDS = 7
+
+    def __init__(self, vocab_size: int, width: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(self.KINDS * n, width) for n in self.SIZES)
+        for table in self.tables:
+            nn.init.normal_(table.weight, std=width ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.register_buffer("parts", torch.zeros(vocab_size, 3, dtype=torch.int64))
+
+    def set_vocabulary(self, vocab) -> None:
+        if len(vocab) != self.parts.shape[0]:
+            raise ValueError(f"vocabulary of {len(vocab)} tokens for a head of {self.parts.shape[0]}")
+        rows = [[key.kind * n + min(max(value + 1, 0), n - 1)
+                 for value, n in zip((key.a, key.b, key.c), self.SIZES)] for key in vocab]
+        self.parts.copy_(torch.tensor(rows, dtype=torch.int64))
+
+    def weight(self) -> Tensor:
+        return sum(table(self.parts[:, i]) for i, table in enumerate(self.tables))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight(), self.bias)
+
 
 def sequence_loss(out: FMOutput, targets: Tensor, velocity: Tensor, voice: Tensor,
                   mask: Tensor, is_note: Tensor) -> dict[str, Tensor]:
@@ -294,9 +344,9 @@ def sequence_loss(out: FMOutput, targets: Tensor, velocity: Tensor, voice: Tenso
     All targets (B, T) are already shifted (target t is token t+1). Returns the token loss
     (``token``, nats per token), the head losses and their sum (``total``) for backprop.
     """
-    flat = mask.reshape(-1)
-    token = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1])[flat].float(),
-                            targets.reshape(-1)[flat])
+    # ignore_index rather than a boolean gather: no copy of the (B*T, V) logits.
+    token = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                            targets.masked_fill(~mask, -100).reshape(-1), ignore_index=-100)
     notes = (mask & is_note).reshape(-1)
     if notes.any():
         vel = F.cross_entropy(out.velocity.reshape(-1, out.velocity.shape[-1])[notes].float(),

@@ -9,7 +9,8 @@ decay that follows the clock), then measured on the validation split: next-token
 :mod:`model.continuation`, and the time of one generation step for one stream at positions 100
 and 10,000. Results go to ``<out_dir>/study.json`` and ``<out_dir>/study.md`` (a table).
 
-Variants (``--variants``, comma-separated): ``transformer`` and the FM variants in
+Variants (``--variants``, comma-separated): ``transformer`` (tied token embedding),
+``transformer_factored`` (its token rows built like the FM's factored head), and the FM variants in
 :data:`FM_VARIANTS`. FM variants share one size (``--fm_dim``, ``--fm_hidden``); the transformer's
 width is ``--tf_dim``; pick them so the parameter counts match (the table shows them).
 """
@@ -51,6 +52,8 @@ FM_VARIANTS: dict[str, dict] = {
     "fm_demod_direct_decays": dict(readout="demod", direct=True, decays="0,512,64,8,2"),
     "fm_demod_direct_decays_fdrop": dict(readout="demod", direct=True, decays="0,512,64,8,2",
                                          field_dropout=0.1),
+    "fm_demod_direct_decays_factored": dict(readout="demod", direct=True, decays="0,512,64,8,2",
+                                            head="factored"),
 }
 DEFAULT_VARIANTS = ("transformer,fm_field,fm_demod,fm_demod_direct,fm_demod_direct_decays,"
                     "fm_demod_direct_decays_fdrop")
@@ -61,9 +64,10 @@ def build(name: str, args: argparse.Namespace, tokenizer: Tokenizer) -> torch.nn
     tc = tokenizer.config
     common = dict(vocab_size=tokenizer.vocab_size, voice_slots=tc.voice_slots,
                   max_voices=tc.max_voices, velocity_levels=len(tc.velocity_levels))
-    if name == "transformer":
+    if name in ("transformer", "transformer_factored"):
         return CausalTransformer(TransformerConfig(**common, dim=args.tf_dim, layers=args.tf_layers,
-                                                   heads=args.tf_heads, dropout=args.dropout))
+                                                   heads=args.tf_heads, dropout=args.dropout,
+                                                   head="factored" if name.endswith("factored") else "tied"))
     if name not in FM_VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from transformer, {', '.join(FM_VARIANTS)}")
     return FieldMachine(ModelConfig(**common, dim=args.fm_dim, decoder_hidden=args.fm_hidden,
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="autocast dtype (auto: bf16 where fast)")
     parser.add_argument("--cache_dir", default=None, help="token cache folder (default: model.data's)")
+    parser.add_argument("--append", action="store_true",
+                        help="add these variants' rows to an existing <out_dir>/study.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -234,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
               "baselines": {"unigram_nll": uni / count, "bigram_nll": bi / count}, "variants": []}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.append and (out / "study.json").exists():
+        earlier = json.loads((out / "study.json").read_text())
+        result["variants"] = earlier["variants"]
+        result["earlier_settings"] = earlier.get("earlier_settings", []) + [earlier["settings"]]
     logger.info("%d train files, %d validation files, vocabulary %d; unigram %.3f, bigram %.3f nats/token",
                 len(train), len(val), tokenizer.vocab_size, uni / count, bi / count)
 
     for name in args.variants.split(","):
         torch.manual_seed(args.seed)
-        model = build(name, args, tokenizer).to(device)
+        model = build(name, args, tokenizer)
+        model.set_vocabulary(tokenizer.vocab)
+        model = model.to(device)
         logger.info("%s: %d parameters", name, model.parameter_count())
         trained = train_for(model, train, cfg, 60 * args.minutes, device, dtype,
                             np.random.default_rng(args.seed), desc=name)
@@ -248,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         served = model.to(dtype)
         capacity = args.prompt_tokens + args.continuation_tokens + 1
         generator = (TransformerGenerator(served, tokenizer, capacity=capacity)
-                     if name == "transformer" else BatchGenerator(served, tokenizer))
+                     if isinstance(model, CausalTransformer) else BatchGenerator(served, tokenizer))
         continuation = continuation_metrics(generator, val_seqs, args.continuations,
                                             prompt_tokens=args.prompt_tokens,
                                             tokens=args.continuation_tokens, sampling=SamplingConfig())

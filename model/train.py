@@ -200,6 +200,7 @@ class Trainer:
                     len(self.train), len(self.val), len(corpus.skipped), self.tokenizer.vocab_size)
 
         self.model = FieldMachine(self.model_config).to(self.device)
+        self.model.set_vocabulary(self.tokenizer.vocab)  # a resumed state_dict holds the same
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.step, self.epoch, self.best = 0, 0, math.inf

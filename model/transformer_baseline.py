@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.fm import DNA_FLOATS, FMOutput
+from model.fm import DNA_FLOATS, FactoredHead, FMOutput
 from model.generation import BatchGenerator
 from model.tokenizer import TokenSequence
 
@@ -38,6 +38,7 @@ class TransformerConfig:
     mlp_ratio: int = field(default=4, metadata={"help": "Hidden width of each block's MLP, in multiples of dim."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on attention output and MLP."})
     rope_base: float = field(default=10000.0, metadata={"help": "Base of the rotary position code."})
+    head: str = field(default="tied", metadata={"help": "'tied': one learned embedding row per token, shared by input and output; 'factored': those rows built as in model.fm.FactoredHead.", "choices": ("tied", "factored")})
 
     def __post_init__(self) -> None:
         if self.dim % self.heads or (self.dim // self.heads) % 2:
@@ -105,14 +106,26 @@ class CausalTransformer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.token_embedding = nn.Embedding(c.vocab_size, c.dim)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.dim) if c.head == "tied" else None
+        self.factored = FactoredHead(c.vocab_size, c.dim) if c.head == "factored" else None
         self.voice_embedding = nn.Embedding(c.voice_slots, c.dim)
         self.dna = nn.Linear(DNA_FLOATS, c.dim)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim)
         self.velocity_head = nn.Linear(c.dim, c.velocity_levels)
         self.voice_head = nn.Linear(c.dim, c.max_voices)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if self.token_embedding is not None:
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def set_vocabulary(self, vocab) -> None:
+        if self.factored is not None:
+            self.factored.set_vocabulary(vocab)
+
+    def token_rows(self) -> tuple[Tensor, Tensor | None]:
+        """(V, D) token rows shared by input and output, and the output bias (or None)."""
+        if self.factored is not None:
+            return self.factored.weight(), self.factored.bias
+        return self.token_embedding.weight, None
 
     def angles(self, start: int, length: int, device) -> tuple[Tensor, Tensor]:
         half = self.config.dim // self.config.heads // 2
@@ -127,7 +140,8 @@ class CausalTransformer(nn.Module):
         """
         start = cache.length if cache is not None else 0
         length = ids.shape[1]
-        x = (self.token_embedding(ids) + self.voice_embedding(voice_slots)
+        rows, bias = self.token_rows()
+        x = (F.embedding(ids, rows) + self.voice_embedding(voice_slots)
              + self.dna(dna.to(self.dna.weight.dtype)))
         cos, sin = self.angles(start, length, ids.device)
         for i, block in enumerate(self.blocks):
@@ -135,7 +149,7 @@ class CausalTransformer(nn.Module):
         if cache is not None:
             cache.length += length
         h = self.norm(x)
-        return FMOutput(h @ self.token_embedding.weight.T, self.velocity_head(h), self.voice_head(h))
+        return FMOutput(F.linear(h, rows, bias), self.velocity_head(h), self.voice_head(h))
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

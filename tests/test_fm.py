@@ -166,3 +166,22 @@ def test_chunked_forward_equals_one_pass(readout, direct):
         first, state = model(dna[:, :120], slots[:, :120], return_state=True)
         second = model(dna[:, 120:], slots[:, 120:], start=state).logits
     close(torch.cat([first.logits, second], dim=1), whole)
+
+
+def test_factored_head_shares_rows_and_keeps_the_step_exact():
+    from model.tokenizer import NOTE, REST, SPECIAL_KINDS, TokenKey, special_key
+
+    vocab = [special_key(k) for k in SPECIAL_KINDS] + [
+        TokenKey(NOTE, 60, 8, 0), TokenKey(NOTE, 60, 3, 12), TokenKey(NOTE, 72, 8, 0), TokenKey(REST, -1, 8, 0)]
+    torch.manual_seed(0)
+    model = FieldMachine(ModelConfig(vocab_size=len(vocab), dim=32, decoder_hidden=16, dropout=0.0,
+                                     decays="0,8", head="factored")).eval()
+    model.set_vocabulary(vocab)
+    parts = model.token_head.parts
+    assert parts[4, 0] == parts[5, 0] != parts[6, 0]  # same pitch, same pitch row
+    assert parts[4, 1] == parts[6, 1] and parts[4, 2] == parts[6, 2]  # same duration and position
+    assert "token_head.parts" in model.state_dict()  # saved with the weights
+    dna, slots = random_tokens(2, 50)
+    with torch.no_grad():
+        parallel = model(dna, slots).logits
+    close(step_through(model, dna, slots), parallel)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from model.tokenizer import NOTE, SPECIAL_KINDS, TokenKey, special_key
 from model.transformer_baseline import CausalTransformer, KVCache, TransformerConfig
 
 
-def make(seed: int = 0) -> CausalTransformer:
+HEADS = pytest.mark.parametrize("head", ["tied", "factored"])
+
+
+def make(head: str = "tied", seed: int = 0) -> CausalTransformer:
     torch.manual_seed(seed)
-    return CausalTransformer(TransformerConfig(vocab_size=40, dim=32, layers=2, heads=4, dropout=0.0)).eval()
+    model = CausalTransformer(TransformerConfig(vocab_size=40, dim=32, layers=2, heads=4, dropout=0.0,
+                                                head=head)).eval()
+    model.set_vocabulary([special_key(k) for k in SPECIAL_KINDS]
+                         + [TokenKey(NOTE, 50 + i, i % 3, 12 * (i % 4)) for i in range(36)])
+    return model
 
 
 def inputs(batch: int, length: int):
@@ -25,8 +34,9 @@ def test_shapes():
     assert out.velocity.shape == (3, 11, 8) and out.voice.shape == (3, 11, 16)
 
 
-def test_a_later_token_never_changes_an_earlier_output():
-    model = make()
+@HEADS
+def test_a_later_token_never_changes_an_earlier_output(head):
+    model = make(head)
     ids, dna, slots = inputs(1, 20)
     changed = ids.clone()
     changed[0, 12] = (ids[0, 12] + 1) % 40
@@ -36,8 +46,9 @@ def test_a_later_token_never_changes_an_earlier_output():
     assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
 
 
-def test_prompt_then_cached_steps_equal_one_parallel_pass():
-    model = make()
+@HEADS
+def test_prompt_then_cached_steps_equal_one_parallel_pass(head):
+    model = make(head)
     ids, dna, slots = inputs(2, 24)
     with torch.no_grad():
         whole = model(ids, dna, slots).logits
