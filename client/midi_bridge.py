@@ -206,6 +206,7 @@ class MidiScheduler:
         for channel in sorted(self._channels):
             self._send([CONTROL | channel, ALL_NOTES_OFF, 0])
         self._sounding.clear()
+        self._channels.clear()
 
     def _run(self) -> None:
         _realtime_priority()

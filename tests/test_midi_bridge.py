@@ -397,3 +397,39 @@ def test_a_dropped_connection_silences_and_resumes(jack, proxy, run_bridge):
         assert events[-1][1] == "off", f"{key} left sounding across the drop: {events[-3:]}"
     all_off = [t for t, m in gap if m[0] & 0xF0 == 0xB0 and m[1] == 123]
     assert all_off and min(all_off) - dropped_at < 0.5, "no all-notes-off right after the drop"
+
+
+# ----------------------------------------------------------------------------- without JACK
+def test_scheduler_restrikes_repeated_keys_and_silences_everything():
+    from client.midi_bridge import MidiScheduler
+
+    sent: list[list[int]] = []
+    scheduler = MidiScheduler(sent.append)
+    now = time.time()
+    scheduler.note(now + 0.02, 0.20, 0, 60, 90)   # held...
+    scheduler.note(now + 0.06, 0.05, 0, 60, 70)   # ...struck again while it sounds
+    scheduler.note(now + 0.03, 5.00, 1, 48, 80)   # still sounding at the all-notes-off
+    scheduler.note(now + 9.00, 0.50, 2, 72, 80)   # never due
+    wait_for(lambda: len(sent) >= 5, 5, "the first events")
+    time.sleep(0.25)
+    scheduler.all_notes_off()
+    scheduler.close()
+    assert sent[:5] == [[0x90, 60, 90], [0x91, 48, 80], [0x80, 60, 0], [0x90, 60, 70], [0x80, 60, 0]]
+    # The restruck key sounds until the last of its note-offs (the first strike's, at +0.22 s).
+    assert sent[5:] == [[0x81, 48, 0], [0xB0, 123, 0], [0xB1, 123, 0]]
+    assert scheduler.sent_notes == 3 and scheduler.pending() == 0
+
+
+def test_start_parameters_come_from_the_protocol_settings(tmp_path):
+    from client.midi_bridge import build_parser, start_message
+    from server.protocol import Settings
+
+    parser = build_parser()
+    for name in Settings.model_fields:
+        assert f"--{name}" in parser.format_help()
+    prompt = tmp_path / "p.mid"
+    prompt.write_bytes(b"MThd")
+    args = parser.parse_args(["--top-k", "20", "--temperature", "0.7", "--prompt-midi", str(prompt)])
+    assert start_message(args) == {"temperature": 0.7, "top_k": 20, "prompt_midi": "TVRoZA=="}
+    with pytest.raises(ValueError):
+        start_message(parser.parse_args(["--top_p", "1.5"]))

@@ -251,3 +251,21 @@ def test_pause_resume_and_stop(page):
     assert [m["type"] for m in page.sent][-3:] == ["pause", "resume", "stop"]
     assert any(m["type"] == "stopped" for m in page.received)
     assert pg.inner_text("#start").strip().endswith("Start")
+
+
+def test_a_dropped_connection_resumes_the_same_session(page):
+    pg = page.page
+    page.start(notes=4)
+    first = next(m for m in page.received if m["type"] == "session")
+    pg.evaluate("() => window.fm.session.ws.close(4000, 'test: drop')")  # not a stop: the page comes back
+    pg.wait_for_function("window.fm.stats.state === 'playing' && window.fm.session && window.fm.session.live "
+                         "&& window.fm.session.attempt === 0", timeout=30_000)
+    deadline = time.monotonic() + 30
+    while not [m for m in page.received if m["type"] == "session" and m["resumed"]]:
+        assert time.monotonic() < deadline, "no resumed session"
+        pg.wait_for_timeout(50)
+    resumed = [m for m in page.received if m["type"] == "session" and m["resumed"]][0]
+    assert resumed["clock"] == first["clock"] and resumed["id"] == first["id"]
+    assert {"type": "start", "resume_token": first["resume_token"]} in page.sent_of("start")
+    before = page.stats()["received"]
+    pg.wait_for_function(f"window.fm.stats.received > {before}", timeout=30_000)
