@@ -4,7 +4,7 @@ The bridge is one WebSocket client of ``/ws`` (see ``server/protocol.py``) and o
 
 1. It opens a virtual output port (``--port-name``, default "FM Server") on JACK, ALSA or CoreMIDI
    (``--api``; on Windows, where rtmidi cannot make virtual ports, an existing loopMIDI port of
-   that name), and with ``--input PORT`` a MIDI input.
+   that name), or the existing port ``--output PORT``, and with ``--input PORT`` a MIDI input.
 2. It connects to ``--url`` and sends ``start`` with the settings given on the command line and
    an optional ``--prompt_midi`` file.
 3. The server answers ``session`` (``clock``: the unix time of session time 0, and a resume
@@ -74,8 +74,11 @@ def api_candidates(name: str) -> list[int]:
     return [api for api in order if api in compiled]
 
 
-def open_output(api_name: str, port_name: str):
-    """Opens the output the DAW records from; returns (MidiOut, API name, description)."""
+def open_output(api_name: str, port_name: str, existing: str | None = None):
+    """Opens the output the DAW records from; returns (MidiOut, API name, description).
+
+    With ``existing`` it opens that port (an IAC bus, a loopMIDI port, a synth) instead of making one.
+    """
     rtmidi = _rtmidi()
     # Never let libjack start a JACK server of its own with whatever backend it finds.
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
@@ -87,6 +90,14 @@ def open_output(api_name: str, port_name: str):
         except (rtmidi.SystemError, RuntimeError) as exc:  # no JACK server, no ALSA sequencer, ...
             errors.append(f"{label}: {exc}")
             continue
+        if existing is not None:
+            index = find_port(out.get_ports(), existing)
+            if index is None:
+                errors.append(f"{label}: no output matches '{existing}' (outputs: {out.get_ports() or 'none'})")
+                del out
+                continue
+            out.open_port(index)
+            return out, label, f"port '{out.get_ports()[index]}'"
         try:
             out.open_virtual_port(port_name)
             return out, label, f"virtual port '{port_name}'"
@@ -434,15 +445,28 @@ class Bridge:
 
 
 # ----------------------------------------------------------------------------- command line
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for options that are simply off unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client.midi_bridge", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m client.midi_bridge",
+                                     description="Play an FM Server stream into a DAW through a virtual MIDI port.",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the server's WebSocket address")
     parser.add_argument("--port-name", default="FM Server",
                         help="name of the virtual output port (on Windows: of the loopMIDI port to open)")
     parser.add_argument("--api", choices=APIS, default="auto",
                         help="MIDI system: auto picks JACK when a JACK server runs, else ALSA (Linux), "
                              "CoreMIDI (macOS) or Windows MM")
+    parser.add_argument("--output", metavar="PORT", default=None,
+                        help="play into this existing output port (an IAC bus, a loopMIDI port, a synth; exact "
+                             "name or a part of it) instead of creating a virtual port")
     parser.add_argument("--input", metavar="PORT", default=None,
                         help="forward notes played on this MIDI input (exact name or a part of it) to the session")
     parser.add_argument("--channel", type=int, choices=range(1, 17), metavar="1-16", default=None,
@@ -497,7 +521,7 @@ async def amain(args: argparse.Namespace) -> int:
         start = start_message(args)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"bad start parameters: {exc}") from exc
-    out, api_label, described = open_output(args.api, args.port_name)
+    out, api_label, described = open_output(args.api, args.port_name, args.output)
     logger.info("MIDI output: %s on %s", described, api_label)
     scheduler = MidiScheduler(out.send_message)
     bridge = Bridge(args.url, start, scheduler, channel=None if args.channel is None else args.channel - 1)

@@ -399,6 +399,33 @@ def test_a_dropped_connection_silences_and_resumes(jack, proxy, run_bridge):
     assert all_off and min(all_off) - dropped_at < 0.5, "no all-notes-off right after the drop"
 
 
+def test_output_into_an_existing_port(jack, proxy, run_bridge):
+    """--output plays into a port someone else made (an IAC bus, a loopMIDI port, a synth)."""
+    import rtmidi
+
+    synth_name = f"fm test synth {os.getpid()}"
+    synth = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, synth_name, queue_size_limit=4096)
+    synth.open_virtual_port("in")
+    try:
+        bridge = run_bridge(f"unused {os.getpid()}", "--output", synth_name, "--seed", "4")
+        wait_for(lambda: len(proxy.server_notes()) >= 8, 60, "notes from the server")
+        received = []
+        deadline = time.monotonic() + 10
+        while sum(1 for m in received if m[0] & 0xF0 == 0x90 and m[2]) < 5:
+            assert time.monotonic() < deadline, f"only {received} arrived at {synth_name}"
+            item = synth.get_message()
+            if item is None:
+                time.sleep(0.005)
+            else:
+                received.append(item[0])
+        stop_bridge(bridge, run_bridge.log)
+    finally:
+        synth.close_port()
+        del synth
+    sent = {n["pitch"] for _, n in proxy.server_notes()}
+    assert {m[1] for m in received if m[0] & 0xF0 == 0x90} <= sent
+
+
 # ----------------------------------------------------------------------------- without JACK
 def test_scheduler_restrikes_repeated_keys_and_silences_everything():
     from client.midi_bridge import MidiScheduler
