@@ -18,7 +18,7 @@ const SET_EVERY_MS = 120;        // how often a dragged control sends "set"
 const $ = (id) => document.getElementById(id);
 const ui = {
   start: $("start"), pause: $("pause"), download: $("download"), mute: $("mute"), volume: $("volume"),
-  url: $("ws-url"), dot: $("status-dot"), text: $("status-text"), notes: $("stat-notes"),
+  url: $("ws-url"), dot: $("status-dot"), text: $("status-text"), notes: $("stat-notes"), session: $("stat-session"),
   headroom: $("stat-headroom"), hint: $("roll-hint"), legend: $("legend"), drop: $("drop"),
   file: $("prompt-file"), promptText: $("prompt-text"), promptClear: $("prompt-clear"),
   seed: $("seed"), dice: $("dice"), octave: $("octave"),
@@ -163,6 +163,11 @@ function startSession() {
     promptPlayed = [];
     pendingPlayed = [];
     showPrompt();
+    // Stop means silence now: notes that arrived ahead of their time are neither heard nor kept.
+    synth.silence();
+    const now = wallNow();
+    roll.notes = roll.notes.filter((n) => n.played || n.t <= now);
+    roll.first = 0;
     const reason = e.detail.reason;
     setPhase(reason === "stopped" ? "idle" : "error",
              reason === "stopped" ? "stopped" : reason === "expired" ? "session expired" : null);
@@ -227,9 +232,9 @@ function setPhase(phase, text = null) {
 }
 
 function showStatus() {
-  const id = session && session.id ? ` · session ${String(session.id).slice(0, 8)}` : "";
-  ui.text.textContent = errorText ? `${phaseText}${id} — ${errorText}` : `${phaseText}${id}`;
+  ui.text.textContent = errorText ? `${phaseText} — ${errorText}` : phaseText;
   ui.text.title = ui.url.value;
+  ui.session.textContent = session && session.id ? `session ${String(session.id).slice(0, 8)}` : "";
 }
 
 function download() {
