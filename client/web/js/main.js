@@ -153,9 +153,15 @@ function startSession() {
   s.addEventListener("state", (e) => showState(e.detail));
   s.addEventListener("notes", (e) => onNotes(e.detail.notes, s.clock));
   s.addEventListener("error", (e) => {
-    errorText = `${e.detail.code}: ${e.detail.message}`;
+    const text = (errorText = `${e.detail.code}: ${e.detail.message}`);
     console.warn("server error", e.detail);
     showStatus();
+    setTimeout(() => {  // a note the model could not read is news, not a state
+      if (errorText === text) {
+        errorText = null;
+        showStatus();
+      }
+    }, 6000);
   });
   s.addEventListener("closed", (e) => {
     if (session !== s) return;
