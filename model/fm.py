@@ -36,6 +36,12 @@ entry, so a free row learns slowly; a shared pitch row learns from every note of
 token -> parts table comes from the tokenizer (:meth:`FieldMachine.set_vocabulary`) and is saved
 with the weights.
 
+``ModelConfig.dna_lookup`` adds learned rows for the DNA's discrete values to its linear
+projection: pitch (from pitch class and octave), pitch class, octave, duration, beat position
+(the bar fraction, in 1/144ths) and velocity level, each recovered from the DNA floats. A linear
+map of (sin, cos, octave) cannot single out one pitch; a row per pitch can. Still DNA in, one
+vector out: the field and the step are unchanged.
+
 ``ModelConfig.field_dropout`` drops channels of the decoder's view of the field while training.
 
 Shapes: B streams or sequences, T positions, V vocabulary, D = ``dim``.
@@ -85,6 +91,7 @@ class ModelConfig:
     direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
     decays: str = field(default="", metadata={"help": "Comma-separated decay time constants in tokens for groups of field channels, dealt pair by pair (0 = no decay; empty = one undecayed field, the seed's)."})
     head: str = field(default="free", metadata={"help": "Next-token head: 'free' (one learned row per token) or 'factored' (rows summed from the token's pitch, duration and position parts).", "choices": HEADS})
+    dna_lookup: bool = field(default=False, metadata={"help": "Add learned rows for the DNA's discrete values (pitch, pitch class, octave, duration, beat position, velocity) to its projection."})
     field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
 
     def __post_init__(self) -> None:
@@ -147,6 +154,7 @@ class FieldMachine(nn.Module):
         c = config
         self.voice_embedding = nn.Embedding(c.voice_slots, c.voice_embedding)
         self.project = nn.Linear(c.dna_width, c.dim)
+        self.lookup = DNALookup(c.dim) if c.dna_lookup else None
         width = c.dim * (2 if c.direct else 1)
         layers: list[nn.Module] = []
         for _ in range(c.decoder_layers):
@@ -196,7 +204,8 @@ class FieldMachine(nn.Module):
         """Project DNA (…, 7) and voice slots (…) to (…, D)."""
         features = torch.cat((dna.to(self.project.weight.dtype),
                               self.voice_embedding(voice_slots)), dim=-1)
-        return self.project(features)
+        x = self.project(features)
+        return x if self.lookup is None else x + self.lookup(dna).to(x.dtype)
 
     def readout(self, field: Tensor, positions: Tensor, current: Tensor) -> Tensor:
         """Decoder input from the field (…, D) float32 at integer positions (…) or (T,)."""
@@ -302,6 +311,37 @@ class FieldMachine(nn.Module):
         """Give a factored head its token -> parts table (a no-op for the free head)."""
         if isinstance(self.token_head, FactoredHead):
             self.token_head.set_vocabulary(vocab)
+
+
+class DNALookup(nn.Module):
+    """Sum of learned rows (…, D) for the discrete values the DNA floats (…, 7) encode.
+
+    Reads the layout of :meth:`model.tokenizer.Tokenizer.token_dna`: pitch class as (sin, cos),
+    octave / 10, log duration scaled to 0..1, beat angle as (sin, cos), velocity / 127.
+    """
+
+    SIZES = {"pitch": 132, "pitch_class": 12, "octave": 11, "duration": 65, "beat": 144, "velocity": 9}
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict({k: nn.Embedding(n, dim) for k, n in self.SIZES.items()})
+        for table in self.tables.values():
+            nn.init.normal_(table.weight, std=0.02)
+
+    def indices(self, dna: Tensor) -> dict[str, Tensor]:
+        dna = dna.float()
+        turn = lambda s, c: torch.remainder(torch.atan2(s, c) / (2 * math.pi), 1.0)
+        pitch_class = torch.round(turn(dna[..., 0], dna[..., 1]) * 12).long() % 12
+        octave = torch.round(dna[..., 2] * 10).long().clamp(0, 10)
+        n = self.SIZES
+        return {"pitch": (octave * 12 + pitch_class).clamp(0, n["pitch"] - 1),
+                "pitch_class": pitch_class, "octave": octave,
+                "duration": torch.round(dna[..., 3] * 64).long().clamp(0, 64),
+                "beat": torch.round(turn(dna[..., 4], dna[..., 5]) * 144).long() % 144,
+                "velocity": torch.round(dna[..., 6] * 8).long().clamp(0, 8)}
+
+    def forward(self, dna: Tensor) -> Tensor:
+        return sum(self.tables[k](i) for k, i in self.indices(dna).items())
 
 
 class FactoredHead(nn.Module):

@@ -18,14 +18,14 @@ from model.cli import add_dataclass_arguments, dataclass_from_args
 from model.generation import BatchGenerator
 from model.midi_io import MidiReadError, Note, Score, TempoChange, TimeSignature, read_midi, write_midi
 from model.sampling import SamplingConfig
-from model.tokenizer import TokenizerError
+from model.tokenizer import TokenizerError, TokenSequence
 
 logger = logging.getLogger(__name__)
 OUTPUT_TICKS_PER_BEAT = 480
 
 
 def generate(checkpoint: str, output: str, *, prompt_midi: str | None, tokens: int,
-             sampling: SamplingConfig, device: str = "auto") -> dict:
+             sampling: SamplingConfig, device: str = "auto", prompt_tokens: int = 0) -> dict:
     """Write the MIDI file and return a summary (notes, seconds, tokens)."""
     dev = resolve_device(device)
     model, tokenizer, _ = ckpt.load_model(checkpoint, device=dev)
@@ -34,6 +34,9 @@ def generate(checkpoint: str, output: str, *, prompt_midi: str | None, tokens: i
     if prompt_midi:
         score = read_midi(prompt_midi)
         prompt = tokenizer.encode(score)
+        if prompt_tokens:
+            prompt = TokenSequence(prompt.ids[:prompt_tokens], prompt.velocity[:prompt_tokens],
+                                   prompt.voice[:prompt_tokens])
         tempos = score.tempos_at(OUTPUT_TICKS_PER_BEAT)
     state, out, decoder = generator.prime(prompt)
     # The prompt's own notes as the model heard them (on the grid), then the continuation.
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/fm/best)")
     parser.add_argument("--output", required=True, help="MIDI file to write")
     parser.add_argument("--prompt_midi", default=None, help="MIDI file to continue")
+    parser.add_argument("--prompt_tokens", type=int, default=0,
+                        help="keep only the first N tokens of the prompt (0 = all of it)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens to generate")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     add_dataclass_arguments(parser, SamplingConfig)
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = dataclass_from_args(SamplingConfig, args)
         summary = generate(args.checkpoint, args.output, prompt_midi=args.prompt_midi,
-                           tokens=args.tokens, sampling=sampling, device=args.device)
+                           tokens=args.tokens, sampling=sampling, device=args.device,
+                           prompt_tokens=args.prompt_tokens)
     except (ckpt.CheckpointError, MidiReadError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

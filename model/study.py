@@ -54,6 +54,8 @@ FM_VARIANTS: dict[str, dict] = {
                                          field_dropout=0.1),
     "fm_demod_direct_decays_factored": dict(readout="demod", direct=True, decays="0,512,64,8,2",
                                             head="factored"),
+    "fm_demod_direct_decays_factored_lookup": dict(readout="demod", direct=True, decays="0,512,64,8,2",
+                                                   head="factored", dna_lookup=True),
 }
 DEFAULT_VARIANTS = ("transformer,fm_field,fm_demod,fm_demod_direct,fm_demod_direct_decays,"
                     "fm_demod_direct_decays_fdrop")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import mido
 
 from tests.conftest import run_module
@@ -61,3 +63,20 @@ def test_bad_prompt_and_checkpoint_are_clear_errors(tiny_run, tmp_path):
     result = run_module("model.generate", "--checkpoint", str(tiny_run / "best"),
                         "--output", str(tmp_path / "o.mid"), "--temperature", "0")
     assert result.returncode == 2 and "temperature" in result.stderr
+
+
+def test_prompt_tokens_keeps_only_the_start_of_the_prompt(tiny_run, tmp_path):
+    prompt = tmp_path / "prompt.mid"
+    pitches = [55 + (0, 4, 7, 12)[i % 4] for i in range(16)]
+    prompt.write_bytes(build_midi([(i * 0.5, 0.5, p) for i, p in enumerate(pitches)]))
+    out = tmp_path / "out.mid"
+    stdout = generate(tiny_run, out, "--prompt_midi", str(prompt), "--prompt_tokens", "6", "--tokens", "20")
+    assert "after 4 prompt notes" in stdout  # <BOS> BAR and four notes
+    midi = mido.MidiFile(out)
+    onsets = [(round(tick / midi.ticks_per_beat, 3), m.note) for track in midi.tracks
+              for tick, m in zip(itertools.accumulate(m.time for m in track), track)
+              if m.type == "note_on" and m.velocity > 0]
+    # The four kept prompt notes are written at their own beats (an untrained model's continuation
+    # may land anywhere after them in its bar).
+    assert sorted(onsets)[:3] == [(0.0, 55), (0.5, 59), (1.0, 62)]
+    assert (1.5, 67) in onsets
