@@ -99,7 +99,7 @@ def rhythm(prompt: TokenSequence, ids: np.ndarray, tokenizer: Tokenizer,
            generator: BatchGenerator) -> tuple[int, int, float]:
     """(notes, notes on the sixteenth grid, beats from the first onset to the last note's end) of
     ``ids`` played after ``prompt``."""
-    decoder = generator._decoder(generator._with_bos(prompt))
+    decoder = generator.decoder_for(generator.with_bos(prompt))
     sixteenth = max(1, tokenizer.config.grid_per_beat // 4)
     notes = on_grid = 0
     first, last = math.inf, -math.inf

@@ -187,10 +187,16 @@ class FieldMachine(nn.Module):
             self._frequencies[positions.device] = frequencies
         return torch.remainder(positions.to(torch.float64).unsqueeze(-1) * frequencies, 2 * math.pi)
 
-    def position_code(self, positions: Tensor) -> Tensor:
-        """(…, D) float32: sin at even, cos at odd indices."""
+    def sin_cos(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(sin, cos) of :meth:`angles`, each (…, D/2) float32: computed once per pass or step and
+        shared by the position code and the ``demod`` readout."""
         a = self.angles(positions)
-        return torch.stack((torch.sin(a), torch.cos(a)), dim=-1).flatten(-2).to(torch.float32)
+        return torch.sin(a).to(torch.float32), torch.cos(a).to(torch.float32)
+
+    def position_code(self, positions: Tensor, sin_cos: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(…, D) float32: sin at even, cos at odd indices."""
+        sin, cos = sin_cos if sin_cos is not None else self.sin_cos(positions)
+        return torch.stack((sin, cos), dim=-1).flatten(-2)
 
     def decay_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per channel (D,) float32: time constant (inf = no decay) and log of the decay factor."""
@@ -207,11 +213,12 @@ class FieldMachine(nn.Module):
         x = self.project(features)
         return x if self.lookup is None else x + self.lookup(dna).to(x.dtype)
 
-    def readout(self, field: Tensor, positions: Tensor, current: Tensor) -> Tensor:
+    def readout(self, field: Tensor, positions: Tensor, current: Tensor,
+                sin_cos: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Decoder input from the field (…, D) float32 at integer positions (…) or (T,)."""
         if self.config.readout == "demod":
-            a = self.angles(positions)
-            cos, sin = torch.cos(a).to(field.dtype), torch.sin(a).to(field.dtype)
+            sin, cos = sin_cos if sin_cos is not None else self.sin_cos(positions)
+            sin, cos = sin.to(field.dtype), cos.to(field.dtype)
             f_sin, f_cos = field[..., 0::2], field[..., 1::2]
             # (f_cos + i f_sin) * exp(-i angle)
             real = f_cos * cos + f_sin * sin
@@ -247,14 +254,15 @@ class FieldMachine(nn.Module):
         positions = torch.arange(length, device=voice_slots.device)  # (T,), broadcast over B
         if start is not None:
             positions = start.position.unsqueeze(1) + positions  # (B, T)
-        coded = current.float() * self.position_code(positions)
+        sin_cos = self.sin_cos(positions)
+        coded = current.float() * self.position_code(positions, sin_cos)
         if self._decayed:
             field = self.decayed_cumsum(coded, None if start is None else start.field)
         else:
             field = torch.cumsum(coded, dim=1)
             if start is not None:
                 field = field + start.field.unsqueeze(1)
-        out = self.decode(self.readout(field, positions, current))
+        out = self.decode(self.readout(field, positions, current, sin_cos))
         if not return_state:
             return out
         end = start.position + length if start is not None else torch.full(
@@ -272,12 +280,13 @@ class FieldMachine(nn.Module):
         and the new state (the input state is not modified).
         """
         current = self.embed(dna, voice_slots)  # (B, D)
-        field = current.float() * self.position_code(state.position)
+        sin_cos = self.sin_cos(state.position)
+        field = current.float() * self.position_code(state.position, sin_cos)
         if self._decayed:
             field = field + state.field * self.decay_tables(field.device)[1].exp()
         else:
             field = field + state.field
-        out = self.decode(self.readout(field, state.position, current))
+        out = self.decode(self.readout(field, state.position, current, sin_cos))
         return out, FieldState(field, state.position + 1)
 
     def decayed_cumsum(self, x: Tensor, start: Tensor | None) -> Tensor:

@@ -43,7 +43,7 @@ class BatchGenerator:
     def _tensors(self, floats: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(floats).to(self.device), torch.from_numpy(slots).to(self.device))
 
-    def _with_bos(self, prompt: TokenSequence | None) -> TokenSequence:
+    def with_bos(self, prompt: TokenSequence | None) -> TokenSequence:
         """The prompt as the model reads it: BOS first (added if missing), no trailing EOS."""
         if prompt is None or len(prompt) == 0:
             return TokenSequence(np.array([BOS]), np.zeros(1, np.int64), np.zeros(1, np.int64))
@@ -56,7 +56,8 @@ class BatchGenerator:
                                np.concatenate([zero, voice]))
         return TokenSequence(ids.astype(np.int64), vel.astype(np.int64), voice.astype(np.int64))
 
-    def _decoder(self, sequence: TokenSequence) -> StreamDecoder:
+    def decoder_for(self, sequence: TokenSequence) -> StreamDecoder:
+        """A stream decoder that has read ``sequence`` (its cursor sits after the last token)."""
         decoder = StreamDecoder(self.tokenizer)
         for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
             decoder.push(t, v, s)
@@ -68,8 +69,8 @@ class BatchGenerator:
 
         Returns the stream's state, the output predicting its next token, and its decoder.
         """
-        sequence = self._with_bos(prompt)
-        decoder = self._decoder(sequence)
+        sequence = self.with_bos(prompt)
+        decoder = self.decoder_for(sequence)
         floats, slots = self.tokenizer.dna(sequence)
         dna, slot = self._tensors(floats[None], slots[None])
         out, state = self.model(dna, slot, return_state=True)

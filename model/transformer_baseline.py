@@ -171,10 +171,10 @@ class TransformerGenerator(BatchGenerator):
 
     @torch.no_grad()
     def prime_many(self, prompts: list[TokenSequence]):
-        sequences = [self._with_bos(p) for p in prompts]
+        sequences = [self.with_bos(p) for p in prompts]
         if len({len(s) for s in sequences}) != 1:
             raise ValueError("the transformer reference primes prompts of equal length only")
-        decoders = [self._decoder(s) for s in sequences]
+        decoders = [self.decoder_for(s) for s in sequences]
         pairs = [self.tokenizer.dna(s) for s in sequences]
         import numpy as np
         ids = torch.from_numpy(np.stack([s.ids for s in sequences])).to(self.device)

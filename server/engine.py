@@ -238,7 +238,7 @@ class Engine:
         if not self._free:
             raise EngineFull(f"the engine holds {self.capacity} streams, its limit")
         tok = self.tokenizer
-        sequence = self.generator._with_bos(prompt)
+        sequence = self.generator.with_bos(prompt)
         decoder = StreamDecoder(tok)
         for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
             decoder.push(t, v, s)
