@@ -39,7 +39,7 @@ from model.fm import FieldMachine, FieldState, ModelConfig, sequence_loss
 from model.generation import BatchGenerator
 from model.sampling import SamplingConfig
 from model.tokenizer import Tokenizer
-from model.train import TrainConfig, collate, lr_at, make_example, windows
+from model.train import TrainConfig, collate, lr_at, make_example, validation_loss, windows
 from model.transformer_baseline import CausalTransformer, KVCache, TransformerConfig, TransformerGenerator
 
 logger = logging.getLogger(__name__)
@@ -81,22 +81,6 @@ def run_model(model: torch.nn.Module, batch: dict):
     if isinstance(model, CausalTransformer):
         return model(batch["inputs"], batch["dna"], batch["slots"])
     return model(batch["dna"], batch["slots"])
-
-
-@torch.no_grad()
-def windowed_nll(model, examples, cfg: TrainConfig, device, dtype) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    spans = windows(examples, cfg.max_seq_len, None)
-    for k in range(0, len(spans), cfg.batch_size):
-        batch = collate(examples, spans[k:k + cfg.batch_size], device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = run_model(model, batch)
-        n = int(batch["mask"].sum())
-        total += sequence_loss(out, batch["targets"], batch["velocity"], batch["voice"],
-                               batch["mask"], batch["is_note"])["token"].item() * n
-        count += n
-    return total / count
 
 
 def train_for(model, train, cfg: TrainConfig, seconds: float, device, dtype, rng, desc: str) -> dict:
@@ -257,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s: %d parameters", name, model.parameter_count())
         trained = train_for(model, train, cfg, 60 * args.minutes, device, dtype,
                             np.random.default_rng(args.seed), desc=name)
-        val_nll = windowed_nll(model, val, cfg, device, dtype)
+        val_nll = validation_loss(model, val, cfg, device, dtype, run=run_model)
         model.eval()
         served = model.to(dtype)
         capacity = args.prompt_tokens + args.continuation_tokens + 1

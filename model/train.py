@@ -141,10 +141,16 @@ def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def fm_outputs(model: FieldMachine, batch: dict):
+    """The model's outputs for a :func:`collate` batch."""
+    return model(batch["dna"], batch["slots"])
+
+
 @torch.no_grad()
 def validation_loss(model: FieldMachine, examples: list[Example], cfg: TrainConfig,
-                    device: torch.device, dtype: torch.dtype) -> float | None:
-    """Mean next-token NLL (nats/token) over every validation token."""
+                    device: torch.device, dtype: torch.dtype, run=fm_outputs) -> float | None:
+    """Mean next-token NLL (nats/token) over every validation token, in windows of
+    ``cfg.max_seq_len``; ``run(model, batch)`` gives the outputs (another model may be scored)."""
     if not examples:
         return None
     model.eval()
@@ -153,7 +159,7 @@ def validation_loss(model: FieldMachine, examples: list[Example], cfg: TrainConf
     for k in range(0, len(spans), cfg.batch_size):
         batch = collate(examples, spans[k:k + cfg.batch_size], device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(batch["dna"], batch["slots"])
+            out = run(model, batch)
         n = int(batch["mask"].sum())
         loss = sequence_loss(out, batch["targets"], batch["velocity"], batch["voice"],
                              batch["mask"], batch["is_note"])["token"]
