@@ -153,7 +153,7 @@ def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequenc
 
     gen_rhythm, real_rhythm = rhythm_summary(generated), rhythm_summary(real)
     return {
-        "n": n, "prompt_tokens": prompt_tokens, "tokens": tokens,
+        "n": n, "prompt_tokens": prompt_tokens, "continuation_tokens": tokens,
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
                      "top_p": sampling.top_p, "min_p": sampling.min_p, "seed": sampling.seed},
         "distinctness": distinctness(gen_h, real_h),
@@ -166,7 +166,7 @@ def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequenc
 
 def format_metrics(m: dict) -> str:
     rows = [f"continuations: {m['n']} held-out prompts of {m['prompt_tokens']} tokens, "
-            f"{m['tokens']} tokens each (temperature {m['sampling']['temperature']}, "
+            f"{m['continuation_tokens']} tokens each (temperature {m['sampling']['temperature']}, "
             f"top_k {m['sampling']['top_k']}, top_p {m['sampling']['top_p']})",
             f"{'':<18}{'generated':>12}{'real':>12}",
             f"{'distinctness':<18}{m['distinctness']:>12.3f}{1.0:>12.3f}",

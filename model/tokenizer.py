@@ -205,6 +205,21 @@ class Events:
     def note_count(self) -> int:
         return int(np.count_nonzero(self.kind == NOTE))
 
+    def transposed(self, semitones: int) -> "Events | None":
+        """The same piece with every note moved by ``semitones``; None if a note would leave 0-127."""
+        notes = self.kind == NOTE
+        pitches = self.a[notes] + semitones
+        if pitches.size and (pitches.min() < 0 or pitches.max() > 127):
+            return None
+        a = self.a.copy()
+        a[notes] = pitches
+        return Events(self.kind, a, self.b, self.c, self.velocity, self.voice, list(self.problems))
+
+    def transpositions(self, semitones: int) -> list["Events"]:
+        """This piece first, then each transposition by -semitones..+semitones that stays in 0-127."""
+        shifts = [s for s in range(-semitones, semitones + 1) if s != 0]
+        return [self] + [t for t in (self.transposed(s) for s in shifts) if t is not None]
+
 
 @dataclass
 class TokenSequence:

@@ -61,6 +61,10 @@ class TrainConfig:
     fresh: bool = field(default=False, metadata={"help": "ignore an existing checkpoint and start clean"})
     cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.data's)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
+    transpose: int = field(default=0, metadata={
+        "help": "augmentation: every epoch plays each training file transposed by a random shift "
+                "in -N..+N semitones (0 = off); the vocabulary is fitted on every shift, validation "
+                "files stay as written"})
 
 
 MODEL_FLAGS_FROM_DATA = ("vocab_size", "voice_slots", "max_voices", "velocity_levels")
@@ -191,19 +195,25 @@ class Trainer:
             self.tokenizer = resume.tokenizer
             self.model_config = ModelConfig(**resume.model_config)
         else:
-            self.tokenizer = Tokenizer().fit(f.events for f in train_files)
+            self.tokenizer = Tokenizer().fit(
+                events for f in train_files for events in f.events.transpositions(cfg.transpose))
             tc = self.tokenizer.config
             self.model_config = ModelConfig(
                 vocab_size=self.tokenizer.vocab_size, voice_slots=tc.voice_slots,
                 max_voices=tc.max_voices, velocity_levels=len(tc.velocity_levels), **model_flags)
         encode = self.tokenizer.encode_events
         train_seqs = [encode(f.events) for f in train_files]
-        self.train = [make_example(s, self.tokenizer) for s in train_seqs if len(s) >= cfg.min_seq_len]
+        # Per training file, the example as written first, then its transpositions (--transpose).
+        self.variants = [[make_example(s, self.tokenizer)]
+                         + [make_example(encode(t), self.tokenizer) for t in f.events.transpositions(cfg.transpose)[1:]]
+                         for f, s in zip(train_files, train_seqs) if len(s) >= cfg.min_seq_len]
+        self.train = [v[0] for v in self.variants]
         self.val = [make_example(encode(f.events), self.tokenizer) for f in val_files]
         self.val_files = [f.path for f in val_files]
         self.baselines = Baselines.fit([s.ids for s in train_seqs], self.tokenizer.vocab_size)
-        logger.info("files: %d train, %d validation, %d skipped; vocabulary %d",
-                    len(self.train), len(self.val), len(corpus.skipped), self.tokenizer.vocab_size)
+        logger.info("files: %d train (%d with transpositions), %d validation, %d skipped; vocabulary %d",
+                    len(self.train), sum(map(len, self.variants)), len(self.val), len(corpus.skipped),
+                    self.tokenizer.vocab_size)
 
         self.model = FieldMachine(self.model_config).to(self.device)
         self.model.set_vocabulary(self.tokenizer.vocab)  # a resumed state_dict holds the same
@@ -246,10 +256,11 @@ class Trainer:
         self.model.train()
         try:
             while self.epoch < cfg.epochs:
-                spans = windows(self.train, cfg.max_seq_len, self.rng)
+                examples = self.epoch_examples()
+                spans = windows(examples, cfg.max_seq_len, self.rng)
                 order = self.rng.permutation(len(spans))
                 for k in range(0, len(order), cfg.batch_size):
-                    batch = collate(self.train, [spans[j] for j in order[k:k + cfg.batch_size]], self.device)
+                    batch = collate(examples, [spans[j] for j in order[k:k + cfg.batch_size]], self.device)
                     time_fraction = ((time.perf_counter() - started) / (60 * cfg.max_minutes)
                                      if cfg.max_minutes else 0.0)
                     for group in self.optimizer.param_groups:
@@ -312,6 +323,10 @@ class Trainer:
                  "model": asdict(self.model_config)}
         ckpt.write_json(self.out / "run_stats.json", stats)
         return stats
+
+    def epoch_examples(self) -> list[Example]:
+        """One example per training file for this epoch: a random one of its transpositions."""
+        return [v[int(self.rng.integers(len(v)))] if len(v) > 1 else v[0] for v in self.variants]
 
     def _end_of_epoch(self, val: float | None, per_epoch: bool = True) -> None:
         if per_epoch:

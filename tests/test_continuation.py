@@ -97,7 +97,9 @@ def test_evaluate_reports_continuations_in_json(tiny_run):
                         "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["continuations"] == 3
+    assert report["continuations"] == 3 and report["continuation_tokens"] == 24
+    # the scored-token count is not overwritten by the continuation length
+    assert report["tokens"] > 24 * 3
     for key in ("distinctness", "prompt_fidelity", "seed_spread", "on_grid", "notes_per_second",
                 "longest_repeat"):
         assert isinstance(report[key], (int, float)), key

@@ -306,3 +306,15 @@ def test_played_notes_join_a_stream_after_its_latest_onset():
     assert decoder.bar == 2 and decoder.cursor == 8 * grid + 18
     unknown = decoder.encode_notes([(decoder.cursor, 20, 0.5, 90, 0)])  # a pitch never seen
     assert len(unknown) == 0 and unknown.unknown == 1
+
+
+def test_transposition_moves_notes_only_and_stays_in_midi_range():
+    midi = build_midi([(0, 1, 60, 80, 0), (1, 1, 64, 80, 1), (2, 1, 125, 80, 0)])
+    events = Tokenizer().events(read_midi(midi))
+    up = events.transposed(2)
+    notes = events.kind == NOTE
+    assert (up.a[notes] == events.a[notes] + 2).all()
+    assert (up.a[~notes] == events.a[~notes]).all() and (up.c == events.c).all()
+    assert events.transposed(3) is None  # 125 + 3 leaves 0-127
+    shifts = events.transpositions(3)
+    assert shifts[0] is events and len(shifts) == 1 + 3 + 2  # -3..-1, +1, +2

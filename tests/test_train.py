@@ -10,6 +10,7 @@ import sys
 import time
 
 from model.checkpoint import load_checkpoint
+from model.tokenizer import NOTE
 from tests.conftest import run_module, tiny_corpus
 
 
@@ -44,6 +45,21 @@ def test_resume_continues_from_latest(tmp_path):
     assert second.epoch == 2 and second.step == 2 * first.step
     fresh = run_module("model.train", *common, "--epochs", "1", "--fresh")
     assert fresh.returncode == 0 and load_checkpoint(tmp_path / "run" / "latest").step == first.step
+
+
+def test_transpose_fits_the_vocabulary_on_every_shift(tmp_path):
+    corpus = tiny_corpus(tmp_path / "midi", files=6)
+    common = ["--midi_dir", str(corpus), "--dim", "16", "--decoder_hidden", "16", "--max_seq_len", "64",
+              "--cache_dir", str(tmp_path / "c"), "--epochs", "2"]
+    plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"))
+    shifted = run_module("model.train", *common, "--out_dir", str(tmp_path / "shifted"), "--transpose", "2")
+    assert plain.returncode == 0 and shifted.returncode == 0, shifted.stderr[-2000:]
+    assert "with transpositions" in shifted.stderr
+    pitches = lambda run: {k.a for k in load_checkpoint(tmp_path / run / "latest").tokenizer.vocab if k.kind == NOTE}
+    # every written pitch p brings p-2..p+2 into the vocabulary
+    assert pitches("shifted") == {p + s for p in pitches("plain") for s in range(-2, 3)}
+    stats = json.loads((tmp_path / "shifted" / "run_stats.json").read_text())
+    assert stats["steps"] == json.loads((tmp_path / "plain" / "run_stats.json").read_text())["steps"]
 
 
 def test_interrupt_saves_latest_and_exits_cleanly(tmp_path):
