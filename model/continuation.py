@@ -31,6 +31,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from model.generation import BatchGenerator
@@ -116,11 +117,12 @@ def generate_batch(generator: BatchGenerator, prompts: list[TokenSequence], toke
                    sampling: SamplingConfig, progress: bool = True) -> list[np.ndarray]:
     """Continue every prompt by ``tokens`` tokens, all streams in one batch; ids per stream."""
     state, out, decoders = generator.prime_many(prompts)
+    heard = torch.from_numpy(np.stack([generator.heard(p.ids) for p in prompts]))
     configs = [sampling] * len(prompts)
     rows = []
     for step in tqdm(range(tokens), desc=f"generating (seed {sampling.seed})", unit="token",
                      leave=False, disable=None if progress else True):
-        results, state, out = generator.advance(state, out, decoders, configs, [step] * len(prompts))
+        results, state, out = generator.advance(state, out, decoders, configs, [step] * len(prompts), heard)
         rows.append([r.token for r in results])
     return list(np.array(rows, dtype=np.int64).T)
 
@@ -155,7 +157,8 @@ def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequenc
     return {
         "n": n, "prompt_tokens": prompt_tokens, "continuation_tokens": tokens,
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                     "top_p": sampling.top_p, "min_p": sampling.min_p, "seed": sampling.seed},
+                     "top_p": sampling.top_p, "min_p": sampling.min_p, "seed": sampling.seed,
+                     "key_pull": sampling.key_pull},
         "distinctness": distinctness(gen_h, real_h),
         "prompt_fidelity": prompt_fidelity(gen_h, prompt_h),
         "real_prompt_fidelity": prompt_fidelity(real_h, prompt_h),
@@ -167,7 +170,8 @@ def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequenc
 def format_metrics(m: dict) -> str:
     rows = [f"continuations: {m['n']} held-out prompts of {m['prompt_tokens']} tokens, "
             f"{m['continuation_tokens']} tokens each (temperature {m['sampling']['temperature']}, "
-            f"top_k {m['sampling']['top_k']}, top_p {m['sampling']['top_p']})",
+            f"top_k {m['sampling']['top_k']}, top_p {m['sampling']['top_p']}, "
+            f"key_pull {m['sampling'].get('key_pull', 0.0)})",
             f"{'':<18}{'generated':>12}{'real':>12}",
             f"{'distinctness':<18}{m['distinctness']:>12.3f}{1.0:>12.3f}",
             f"{'prompt_fidelity':<18}{m['prompt_fidelity']:>12.3f}{m['real_prompt_fidelity']:>12.3f}",

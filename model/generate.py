@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+import numpy as np
+import torch
 
 from model import checkpoint as ckpt
 from model.device import resolve_device
@@ -39,11 +41,12 @@ def generate(checkpoint: str, output: str, *, prompt_midi: str | None, tokens: i
                                    prompt.voice[:prompt_tokens])
         tempos = score.tempos_at(OUTPUT_TICKS_PER_BEAT)
     state, out, decoder = generator.prime(prompt)
+    heard = torch.from_numpy(generator.heard(prompt.ids if prompt else np.zeros(0, np.int64)))[None]
     # The prompt's own notes as the model heard them (on the grid), then the continuation.
     decoded = tokenizer.decode(prompt, ticks_per_beat=OUTPUT_TICKS_PER_BEAT) if prompt else None
     notes = []
     for step in range(tokens):
-        results, state, out = generator.advance(state, out, [decoder], [sampling], [step])
+        results, state, out = generator.advance(state, out, [decoder], [sampling], [step], heard)
         if results[0].note is not None:
             notes.append(results[0].note)
     scale = OUTPUT_TICKS_PER_BEAT // tokenizer.config.resolution

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from model.fm import FieldMachine, FieldState, FMOutput
+from model.key_pull import heard_counts, note_pitch_classes, pull_toward_heard
 from model.sampling import SamplingBatch, SamplingConfig, sample
 from model.tokenizer import BOS, EOS, PAD, UNK, DecodedNote, StreamDecoder, Tokenizer, TokenSequence
 
@@ -39,6 +40,13 @@ class BatchGenerator:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.banned = torch.tensor(NEVER_SAMPLED + (() if allow_eos else (EOS,)), device=self.device)
+        self._pitch_classes = note_pitch_classes(tokenizer)
+        self.pitch_classes = torch.from_numpy(self._pitch_classes).to(self.device)
+
+    def heard(self, ids: np.ndarray) -> np.ndarray:
+        """``(12,)`` pitch-class counts of the notes in ``ids`` (a prompt, notes played in): what
+        :meth:`advance`'s ``heard`` adds up. See :mod:`model.key_pull`."""
+        return heard_counts(ids, self._pitch_classes)
 
     def _tensors(self, floats: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(floats).to(self.device), torch.from_numpy(slots).to(self.device))
@@ -89,14 +97,20 @@ class BatchGenerator:
 
     @torch.no_grad()
     def advance(self, state: FieldState, out: FMOutput, decoders: list[StreamDecoder],
-                sampling: list[SamplingConfig], steps: list[int]) -> tuple[list[StreamStep], FieldState, FMOutput]:
+                sampling: list[SamplingConfig], steps: list[int],
+                heard: torch.Tensor | None = None) -> tuple[list[StreamStep], FieldState, FMOutput]:
         """Sample every stream's next token from ``out`` and feed it back: one batched step.
 
         ``steps`` are the per-stream counters that, with each stream's seed, fix its randomness.
+        ``heard``: ``(B, 12)`` pitch-class counts of what each stream heard (:meth:`heard`), which
+        its ``key_pull`` leans toward; ``None``: nothing heard, no pull.
         """
+        batch = SamplingBatch.from_configs(sampling, steps, device=self.device)
         logits = out.logits.float()
+        if heard is not None and any(c.key_pull > 0 for c in sampling):
+            logits = pull_toward_heard(logits, heard.to(self.device), batch.key_pull, self.pitch_classes)
         logits[:, self.banned] = float("-inf")
-        tokens = sample(logits, SamplingBatch.from_configs(sampling, steps, device=self.device))
+        tokens = sample(logits, batch)
         velocity = out.velocity.argmax(-1)
         voice = out.voice.argmax(-1)
         tokens_np, velocity_np, voice_np = (t.cpu().numpy() for t in (tokens, velocity, voice))

@@ -76,6 +76,7 @@ SEED_LIMIT = 2**63  # seeds live in an int64 tensor
 SALT_LIMIT = 2**32  # the salt is one 32-bit word of the Philox counter
 MIN_CANDIDATES = 64  # first candidate pool for top-p or min-p rows without top-k
 FULL_SORT_FRACTION = 4  # K >= V / 4: a full sort is cheaper than topk
+KEY_PULL_LIMIT = 10.0
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # multipliers
@@ -92,9 +93,10 @@ class SamplingConfig:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus: keep the smallest set of top tokens with this much probability, in (0, 1] (1 = off)."})
     min_p: float = field(default=0.0, metadata={"help": "Drop tokens less likely than min_p times the top token, in [0, 1) (0 = off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the stream's counter-based random numbers, in [0, 2**63)."})
+    key_pull: float = field(default=1.5, metadata={"help": "How strongly notes lean toward the pitch classes of the prompt and of the notes played in, in [0, 10] (0 = off; see model/key_pull.py)."})
 
     def __post_init__(self) -> None:
-        t, k, p, m, s = self.temperature, self.top_k, self.top_p, self.min_p, self.seed
+        t, k, p, m, s, pull = self.temperature, self.top_k, self.top_p, self.min_p, self.seed, self.key_pull
         if not _is_real(t) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
         if not _is_int(k) or k < 0:
@@ -105,6 +107,8 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1) (0 = off), got {m!r}")
         if not _is_int(s) or not 0 <= s < SEED_LIMIT:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {s!r}")
+        if not _is_real(pull) or not 0 <= pull <= KEY_PULL_LIMIT:
+            raise ValueError(f"key_pull must be a number in [0, {KEY_PULL_LIMIT}] (0 = off), got {pull!r}")
 
 
 def _is_real(value: object) -> bool:
@@ -119,7 +123,7 @@ def _is_int(value: object) -> bool:
 class SamplingBatch:
     """Per-stream sampling settings as ``(B,)`` tensors on the logits' device.
 
-    ``temperature``, ``top_p``, ``min_p``: float32; ``top_k``, ``seed``, ``step``: int64.
+    ``temperature``, ``top_p``, ``min_p``, ``key_pull``: float32; ``top_k``, ``seed``, ``step``: int64.
     ``step`` is the stream's counter (e.g. its position): the stream's random number at a step is
     a pure function of ``(seed, step)``. Build it with :meth:`from_configs`, which validates every
     value through :class:`SamplingConfig`; the constructor checks only shapes, dtypes and devices.
@@ -131,10 +135,13 @@ class SamplingBatch:
     min_p: Tensor
     seed: Tensor
     step: Tensor
+    key_pull: Tensor | None = None  # None: zeros (no pull)
 
     def __post_init__(self) -> None:
+        if self.key_pull is None:
+            self.key_pull = torch.zeros_like(self.temperature)
         kinds = {"temperature": torch.float32, "top_k": torch.int64, "top_p": torch.float32,
-                 "min_p": torch.float32, "seed": torch.int64, "step": torch.int64}
+                 "min_p": torch.float32, "seed": torch.int64, "step": torch.int64, "key_pull": torch.float32}
         size, device = self.temperature.shape, self.temperature.device
         for name, dtype in kinds.items():
             value = getattr(self, name)
@@ -166,7 +173,8 @@ class SamplingBatch:
                    top_p=column("top_p", torch.float32),
                    min_p=column("min_p", torch.float32),
                    seed=column("seed", torch.int64),
-                   step=torch.tensor([int(s) for s in steps], dtype=torch.int64, device=device))
+                   step=torch.tensor([int(s) for s in steps], dtype=torch.int64, device=device),
+                   key_pull=column("key_pull", torch.float32))
 
     def __len__(self) -> int:
         return self.temperature.shape[0]

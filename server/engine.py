@@ -21,8 +21,9 @@ A failed step fails exactly the streams in it: each gets ``on_error`` and is nev
 again, so no session hangs and the others carry on.
 
 State: one row per stream in a preallocated slab (``capacity`` rows): the field and position
-(:class:`model.fm.FieldState`) plus the model's output for the stream's next token. Its size never
-changes with a session's length.
+(:class:`model.fm.FieldState`), the 12 pitch-class counts of what the stream heard from its player
+(prompt and played notes, which ``key_pull`` leans toward: :mod:`model.key_pull`), plus the
+model's output for the stream's next token. Its size never changes with a session's length.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 
 from model.fm import FieldMachine, FieldState, FMOutput
 from model.generation import BatchGenerator
+from model.key_pull import PITCH_CLASSES
 from model.sampling import SamplingConfig
 from model.tokenizer import StreamDecoder, Tokenizer, TokenSequence
 from server.metrics import Metrics
@@ -159,7 +161,8 @@ class Engine:
         self.logits = torch.zeros((n, out.logits.shape[-1]), dtype=out.logits.dtype, device=self.device)
         self.velocity = torch.zeros((n, out.velocity.shape[-1]), dtype=out.velocity.dtype, device=self.device)
         self.voice = torch.zeros((n, out.voice.shape[-1]), dtype=out.voice.dtype, device=self.device)
-        self.state_bytes = self.field[0].nbytes + self.position[0].nbytes
+        self.heard = torch.zeros((n, PITCH_CLASSES), dtype=torch.float32, device=self.device)
+        self.state_bytes = self.field[0].nbytes + self.position[0].nbytes + self.heard[0].nbytes
         self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.velocity[0].nbytes + self.voice[0].nbytes
         self.metrics.state_bytes.set(self.state_bytes)
         self.metrics.slot_bytes.set(self.slot_bytes)
@@ -249,6 +252,7 @@ class Engine:
         stream.frontier = 0.0
         self.field[stream.slot] = 0
         self.position[stream.slot] = 0
+        self.heard[stream.slot] = torch.from_numpy(self.generator.heard(sequence.ids)).to(self.device)
         stream.pending = [(floats, slots)]
         self.streams[stream.id] = stream
 
@@ -271,6 +275,7 @@ class Engine:
             lengths[i] = bar_length
         floats, slots = tok.token_dna(sequence.ids, sequence.velocity, sequence.voice, lengths)
         stream.pending.append((floats, slots))
+        self.heard[stream.slot] += torch.from_numpy(self.generator.heard(sequence.ids)).to(self.device)
         stream.frontier = max(stream.frontier, decoder.cursor / grid - stream.offset)
         return len(sequence), sequence.unknown
 
@@ -376,7 +381,8 @@ class Engine:
         try:
             state, out = self._rows(rows)
             results, new_state, new_out = self.generator.advance(
-                state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch])
+                state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
+                self.heard[rows])
             self._store(rows, new_state, new_out)
         except Exception as exc:
             logger.exception("a model step of %d streams failed", len(batch))

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from model.sampling import KEY_PULL_LIMIT
+
 MAX_PROMPT_NOTES = 4096
 MAX_PLAYED_NOTES = 512  # per "notes" frame
 
@@ -58,6 +60,9 @@ class Settings(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus mass, in (0, 1]")
     min_p: float | None = Field(default=None, ge=0, lt=1, description="drop tokens below min_p x the likeliest")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="random seed of the stream")
+    key_pull: float | None = Field(default=None, ge=0, le=KEY_PULL_LIMIT,
+                                   description="lean toward the pitch classes of the prompt and played notes, "
+                                               f"0-{KEY_PULL_LIMIT:g} (0 = off)")
 
 
 class Prompt(Strict):
@@ -126,6 +131,7 @@ class StateReply(BaseModel):
     top_p: float
     min_p: float
     seed: int
+    key_pull: float
 
 
 class OutNote(BaseModel):

@@ -65,7 +65,7 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def sampling_with(current: SamplingConfig, settings: Settings) -> SamplingConfig:
-    changes = {name: getattr(settings, name) for name in ("temperature", "top_k", "top_p", "min_p", "seed")
+    changes = {name: getattr(settings, name) for name in ("temperature", "top_k", "top_p", "min_p", "seed", "key_pull")
                if getattr(settings, name) is not None}
     return replace(current, **changes)
 
@@ -128,7 +128,8 @@ class Session:
     def state_reply(self) -> StateReply:
         s = self.stream.sampling
         return StateReply(state="paused" if self.paused else "playing", bpm=self.stream.timeline.bpm,
-                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed)
+                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed,
+                          key_pull=s.key_pull)
 
     def due_notes(self) -> tuple[list[OutNote], float | None]:
         """Pop the notes due to leave now; also the seconds until the next one is due."""

@@ -12,6 +12,7 @@ from model.continuation import (continuation_metrics, distinctness, js_distance,
                                 pitch_class_histogram, prompt_fidelity, seed_spread)
 from model.fm import FieldMachine, ModelConfig
 from model.generation import BatchGenerator
+from model.sampling import SamplingConfig
 from model.tokenizer import BAR, NOTE, SPECIAL_KINDS, TokenKey, Tokenizer, TokenSequence, special_key
 from tests.conftest import run_module
 
@@ -78,7 +79,7 @@ def test_continuation_metrics_on_a_model(tokenizer):
                                      dropout=0.0, decays="0,8")).eval()
     sequences = [TokenSequence(p, np.full(len(p), 4), np.zeros(len(p), np.int64)) for p in pieces(tokenizer)]
     m = continuation_metrics(BatchGenerator(model, tokenizer), sequences, 4, prompt_tokens=12, tokens=20,
-                             progress=False)
+                             sampling=SamplingConfig(key_pull=0.0), progress=False)  # the model alone
     assert m["n"] == 4 and m["real_prompt_fidelity"] >= 0.75  # short excerpts of distinct scales
     assert 0 <= m["prompt_fidelity"] <= 1 and m["distinctness"] >= 0
     # An untrained model's logits are nearly flat: every stream (same seed) draws nearly the same

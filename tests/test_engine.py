@@ -91,10 +91,12 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
             position = int(engine.position[stream.slot])
             tokens, unknown = await engine.feed(stream, [PlayedInput(stream.frontier + 1, 0.5, 57, 90, 0)])
             assert tokens >= 1 and unknown == 0
+            # what the stream heard from its player (for key_pull): the played A, nothing it generated
+            assert engine.heard[stream.slot].tolist() == [0.0] * 9 + [1.0, 0.0, 0.0]
             await asyncio.sleep(0.5)
             assert int(engine.position[stream.slot]) > position + tokens
             assert (engine.field.shape, engine.logits.shape) == slab
-            assert engine.state_bytes == engine.field.shape[1] * 4 + 8
+            assert engine.state_bytes == engine.field.shape[1] * 4 + 8 + 12 * 4  # field, position, heard
             beats = [n.beat for n in received]
             assert beats == sorted(beats)  # a live stream only moves forward
             await engine.release(stream)

@@ -388,8 +388,11 @@ def test_cuda_draws_the_same_tokens_as_cpu_and_alone_as_in_a_batch():
     ({"min_p": 1.0}, "min_p"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**63}, "seed"),
+    ({"key_pull": -0.5}, "key_pull"),
+    ({"key_pull": 10.5}, "key_pull"),
+    ({"key_pull": math.nan}, "key_pull"),
 ], ids=["T=0", "T<0", "T=nan", "top_k<0", "top_k-float", "top_p=0", "top_p>1", "min_p<0", "min_p=1",
-        "seed<0", "seed-too-big"])
+        "seed<0", "seed-too-big", "pull<0", "pull>10", "pull=nan"])
 def test_invalid_configs_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**kwargs)

@@ -64,7 +64,8 @@ def test_set_changes_the_next_notes(live_server):
     with live_server.connect() as ws:
         start_session(ws, seed=21, bpm=FAST)
         before = collect_notes(ws, 10)
-        ws.send(json.dumps({"type": "set", "temperature": 3.0, "top_k": 0, "top_p": 1.0, "seed": 999, "bpm": 240}))
+        ws.send(json.dumps({"type": "set", "temperature": 3.0, "top_k": 0, "top_p": 1.0, "seed": 999, "bpm": 240,
+                            "key_pull": 0.5}))
         notes, state = [], None
         while state is None or len(notes) < 70:
             message = receive(ws)
@@ -73,6 +74,7 @@ def test_set_changes_the_next_notes(live_server):
             elif message["type"] == "notes":
                 notes += message["notes"]
     assert state["temperature"] == 3.0 and state["seed"] == 999 and state["bpm"] == 240
+    assert state["key_pull"] == 0.5
     assert melody(before) == melody(reference[:10])
     assert melody(notes[:70]) != melody(reference[10:80])
     # The tempo change holds for notes generated after it: one beat now lasts a quarter second.
@@ -198,6 +200,8 @@ BAD_FRAMES = [
     (json.dumps({"type": "start", "bpm": 10}), "invalid_message"),
     (json.dumps({"type": "start", "bpm": 401}), "invalid_message"),
     (json.dumps({"type": "start", "top_k": -3}), "invalid_message"),
+    (json.dumps({"type": "start", "key_pull": -1}), "invalid_message"),
+    (json.dumps({"type": "start", "key_pull": 11}), "invalid_message"),
     (json.dumps({"type": "start", "bogus": 1}), "invalid_message"),
     (json.dumps({"type": "start", "prompt_midi": "bm90IGEgbWlkaSBmaWxl"}), "invalid_prompt"),
     (json.dumps({"type": "start", "prompt_midi": "%%% not base64"}), "invalid_prompt"),
@@ -226,6 +230,7 @@ BAD_IN_SESSION = [
     ({"type": "set", "temperature": 0}, "invalid_message"),
     ({"type": "set", "top_p": 2}, "invalid_message"),
     ({"type": "set", "bpm": 500}, "invalid_message"),
+    ({"type": "set", "key_pull": "strong"}, "invalid_message"),
     ({"type": "set", "prompt_midi": "AAAA"}, "invalid_message"),
     ({"type": "start"}, "already_started"),
 ]

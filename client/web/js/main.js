@@ -23,7 +23,7 @@ const ui = {
   file: $("prompt-file"), promptText: $("prompt-text"), promptClear: $("prompt-clear"),
   seed: $("seed"), dice: $("dice"), octave: $("octave"),
 };
-const KNOBS = ["bpm", "temperature", "top_k", "top_p"];
+const KNOBS = ["bpm", "temperature", "top_k", "top_p", "key_pull"];
 
 const synth = new Synth();
 const roll = new PianoRoll($("roll"));
@@ -74,7 +74,7 @@ function sendSet(part, now = false) {
 }
 
 const fmt = { bpm: (v) => `${Math.round(v)}`, temperature: (v) => v.toFixed(2), top_k: (v) => (v === 0 ? "all" : `${v}`),
-              top_p: (v) => v.toFixed(2) };
+              top_p: (v) => v.toFixed(2), key_pull: (v) => v.toFixed(1) };
 for (const k of KNOBS) {
   const input = $(k);
   const out = $(`${k}-out`);
