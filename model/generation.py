@@ -5,6 +5,14 @@ Used by ``python -m model.generate`` and by the server's engine. Per stream the 
 next token's DNA); the device keeps the :class:`model.fm.FieldState` rows. A generated token's
 DNA is built with :meth:`Tokenizer.token_dna` from the token, the velocity and voice the model's
 heads chose, and the bar length in force, exactly as :meth:`Tokenizer.dna` builds it for training.
+
+Sampling keeps to the token grammar every training sequence obeys: a BAR comes before any NOTE or
+REST; inside a bar, NOTE and REST positions never go back and never reach the bar's end (a new bar needs a BAR token), and at most
+``max_voices`` notes (16; the Bach corpus's largest chord has 13) start together. Tokens that would
+break it are masked per stream before sampling, from the stream's decoder (its position in the
+bar, the bar's length, the notes already at that position). Without the mask a stream can fall
+into stacking notes on one position or past the bar's end, where time stops: the shipped model
+did so for some seeds (up to 113 notes per beat), and a live stream would ask for tokens forever.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ import numpy as np
 import torch
 
 from model.fm import FieldMachine, FieldState, FMOutput
-from model.key_pull import heard_counts, note_pitch_classes, pull_toward_heard
+from model.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
 from model.sampling import SamplingBatch, SamplingConfig, sample
-from model.tokenizer import BOS, EOS, PAD, UNK, DecodedNote, StreamDecoder, Tokenizer, TokenSequence
+from model.tokenizer import (BOS, EOS, NOTE, PAD, REST, UNK, DecodedNote, StreamDecoder, Tokenizer,
+                             TokenSequence)
 
 NEVER_SAMPLED = (PAD, BOS, UNK)
+MAX_ORDER_ROWS = 4096  # cached grammar-mask rows (16 KB each for a 16k vocabulary)
 
 
 @dataclass
@@ -41,12 +51,42 @@ class BatchGenerator:
         self.device = next(model.parameters()).device
         self.banned = torch.tensor(NEVER_SAMPLED + (() if allow_eos else (EOS,)), device=self.device)
         self._pitch_classes = note_pitch_classes(tokenizer)
-        self.pitch_classes = torch.from_numpy(self._pitch_classes).to(self.device)
+        self.pitch_classes = pitch_class_matrix(self._pitch_classes).to(self.device)
+        ids = np.arange(tokenizer.vocab_size)
+        timed = np.isin(tokenizer.kinds(ids), (NOTE, REST))
+        positions = np.array([tokenizer.vocab[t].c for t in ids.tolist()], dtype=np.int64)
+        self.token_position = torch.from_numpy(np.where(timed, positions, -1)).to(self.device)
+        self.is_note = torch.from_numpy(tokenizer.kinds(ids) == NOTE).to(self.device)
+        self._order_rows: dict[tuple[int, int, bool], torch.Tensor] = {}
 
     def heard(self, ids: np.ndarray) -> np.ndarray:
         """``(12,)`` pitch-class counts of the notes in ``ids`` (a prompt, notes played in): what
         :meth:`advance`'s ``heard`` adds up. See :mod:`model.key_pull`."""
         return heard_counts(ids, self._pitch_classes)
+
+    def out_of_order(self, decoders: list[StreamDecoder]) -> torch.Tensor:
+        """``(B, V)`` True where a NOTE or REST would go back in its bar or past the bar's end, or a
+        NOTE would join a chord of ``max_voices`` notes. Streams share few distinct situations, so
+        each situation's ``(V,)`` row is built once and kept."""
+        full = self.tokenizer.config.max_voices
+        rows = []
+        for d in decoders:
+            # before the first BAR no NOTE or REST (every sequence opens with a bar): "now" is the bar's end
+            key = (d.cursor - d.bar_start if d.bar >= 0 else d.bar_length, d.bar_length, d.notes_at_cursor >= full)
+            row = self._order_rows.get(key)
+            if row is None:
+                if len(self._order_rows) >= MAX_ORDER_ROWS:
+                    self._order_rows.clear()
+                row = self._order_rows[key] = self._out_of_order_row(*key)
+            rows.append(row)
+        return torch.stack(rows)
+
+    def _out_of_order_row(self, now: int, bar_length: int, chord_full: bool) -> torch.Tensor:
+        position = self.token_position
+        late = (position < now) | (position >= bar_length)
+        if chord_full:
+            late |= self.is_note & (position == now)
+        return (position >= 0) & late
 
     def _tensors(self, floats: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(floats).to(self.device), torch.from_numpy(slots).to(self.device))
@@ -107,9 +147,15 @@ class BatchGenerator:
         """
         batch = SamplingBatch.from_configs(sampling, steps, device=self.device)
         logits = out.logits.float()
-        if heard is not None and any(c.key_pull > 0 for c in sampling):
-            logits = pull_toward_heard(logits, heard.to(self.device), batch.key_pull, self.pitch_classes)
+        if heard is not None:  # only streams that pull and heard something: for the rest it is a no-op
+            heard = heard.to(self.device)
+            rows = ((batch.key_pull > 0) & (heard.sum(dim=1) > 0)).nonzero().squeeze(1)
+            if rows.numel() == len(sampling):
+                logits = pull_toward_heard(logits, heard, batch.key_pull, self.pitch_classes)
+            elif rows.numel():
+                logits[rows] = pull_toward_heard(logits[rows], heard[rows], batch.key_pull[rows], self.pitch_classes)
         logits[:, self.banned] = float("-inf")
+        logits.masked_fill_(self.out_of_order(decoders), float("-inf"))
         tokens = sample(logits, batch)
         velocity = out.velocity.argmax(-1)
         voice = out.voice.argmax(-1)

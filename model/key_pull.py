@@ -52,19 +52,29 @@ def heard_counts(ids: np.ndarray, pitch_classes: np.ndarray) -> np.ndarray:
     return np.bincount(classes[classes >= 0], minlength=PITCH_CLASSES).astype(np.float32)
 
 
-def pull_toward_heard(logits: Tensor, heard: Tensor, strength: Tensor, pitch_classes: Tensor) -> Tensor:
+def pitch_class_matrix(pitch_classes: np.ndarray) -> Tensor:
+    """``(V, 12)`` float32 one-hot of each NOTE token's pitch class (zero rows for other tokens)."""
+    matrix = torch.zeros(len(pitch_classes), PITCH_CLASSES)
+    notes = torch.from_numpy(np.nonzero(pitch_classes >= 0)[0])
+    matrix[notes, torch.from_numpy(pitch_classes[pitch_classes >= 0])] = 1.0
+    return matrix
+
+
+def pull_toward_heard(logits: Tensor, heard: Tensor, strength: Tensor, classes: Tensor) -> Tensor:
     """``(B, V)`` float logits -> pulled float32 logits (see the module docstring).
 
     ``heard``: ``(B, 12)`` pitch-class counts; ``strength``: ``(B,)`` key_pull per stream;
-    ``pitch_classes``: ``(V,)`` from :func:`note_pitch_classes`. ``-inf`` logits stay ``-inf``.
+    ``classes``: ``(V, 12)`` from :func:`pitch_class_matrix`. ``-inf`` logits stay ``-inf``.
+    Two ``(B, V) x (V, 12)`` products instead of per-token gathers: the note mass of each pitch
+    class, and the per-class shift spread back over the tokens.
     """
     logits = logits.float()
-    is_note = pitch_classes >= 0
     counts = heard.float() + PRIOR_NOTES / PITCH_CLASSES
-    share = counts / counts.sum(dim=1, keepdim=True)
-    per_class = strength.float().unsqueeze(1) * torch.log(share)  # (B, 12)
-    bias = per_class[:, pitch_classes.clamp_min(0)]  # (B, V)
-    notes = logits.masked_fill(~is_note, -torch.inf)
-    shift = torch.logsumexp(notes, dim=1, keepdim=True) - torch.logsumexp(notes + bias, dim=1, keepdim=True)
-    shift = torch.nan_to_num(shift, nan=0.0, posinf=0.0, neginf=0.0)  # rows with no possible note
-    return torch.where(is_note, logits + bias + shift, logits)
+    per_class = strength.float().unsqueeze(1) * torch.log(counts / counts.sum(dim=1, keepdim=True))
+    rowmax = logits.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    mass = torch.exp(logits - rowmax) @ classes  # (B, 12): probability mass of each pitch class
+    before = mass.sum(dim=1, keepdim=True)
+    after = (mass * torch.exp(per_class)).sum(dim=1, keepdim=True)
+    # notes keep their total mass; rows that give notes no mass at all are left alone
+    shift = torch.where(after > 0, torch.log(before / after.clamp_min(1e-30)), 0.0)
+    return logits + (per_class + shift) @ classes.T

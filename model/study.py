@@ -6,7 +6,8 @@ Every variant is trained in this one process, one after the other, for the same 
 budget on the same training split, batches and learning-rate schedule (warm-up, then a cosine
 decay that follows the clock), then measured on the validation split: next-token NLL (windows of
 ``--max_seq_len`` tokens, the same context for every variant), the continuation metrics of
-:mod:`model.continuation`, and the time of one generation step for one stream at positions 100
+:mod:`model.continuation` (default sampling with ``key_pull`` 0: the model alone, no nudge
+toward the prompt's pitch classes), and the time of one generation step for one stream at positions 100
 and 10,000. Results go to ``<out_dir>/study.json`` and ``<out_dir>/study.md`` (a table).
 
 Variants (``--variants``, comma-separated): ``transformer`` (tied token embedding),
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                      if isinstance(model, CausalTransformer) else BatchGenerator(served, tokenizer))
         continuation = continuation_metrics(generator, val_seqs, args.continuations,
                                             prompt_tokens=args.prompt_tokens,
-                                            tokens=args.continuation_tokens, sampling=SamplingConfig())
+                                            tokens=args.continuation_tokens,
+                                            sampling=SamplingConfig(key_pull=0.0))  # the model alone
         row = {"name": name, "parameters": model.parameter_count(),
                "config": asdict(model.config), "train": trained, "val_nll": val_nll,
                "continuation": continuation,

@@ -609,6 +609,7 @@ class StreamDecoder:
         self.signature = (4, 4)
         self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
         self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
+        self.notes_at_cursor = 0  # NOTE tokens so far at the cursor's onset (the chord's size)
 
     @property
     def bar_end(self) -> int:
@@ -629,12 +630,17 @@ class StreamDecoder:
                 self.signatures.append((self.bar_start * tok._step, key.a, key.b))
             self.signature = (key.a, key.b)
             self.cursor = self.bar_start
+            self.notes_at_cursor = 0
             return None
         if key.kind == REST:
+            if self.bar_start + key.c != self.cursor:
+                self.notes_at_cursor = 0
             self.cursor = self.bar_start + key.c
         if key.kind != NOTE:
             return None
-        self.cursor = self.bar_start + key.c
+        onset = self.bar_start + key.c
+        self.notes_at_cursor = self.notes_at_cursor + 1 if onset == self.cursor else 1
+        self.cursor = onset
         levels = tok.config.velocity_levels
         return DecodedNote(
             onset=(self.bar_start + key.c) * tok._step,

@@ -7,6 +7,7 @@ Every flag has an environment twin: ``--max-sessions`` is ``FM_MAX_SESSIONS``, `
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit:
         raise
+    # The model, tokenizer and vocabulary live as long as the process: keep them out of the
+    # garbage collector's full passes, which would otherwise walk them while sessions stream.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=config.host, port=config.port, ws_max_size=config.max_frame_bytes,
                 log_level=config.log_level, timeout_graceful_shutdown=5)
     return 0

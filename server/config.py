@@ -26,6 +26,9 @@ class ServerConfig:
         "help": "seconds of music sent ahead of time (notes leave the server at most this early)"})
     generate_ahead: float = field(default=0.5, metadata={
         "help": "seconds of music generated beyond the lookahead and held on the server, to absorb slow steps"})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads for the model on CPU; 0: one fewer than the CPU cores (at least 1), "
+                "leaving a core to the network side"})
     resume_seconds: float = field(default=60.0, metadata={
         "help": "how long a dropped session waits for its resume token"})
     max_frame_bytes: int = field(default=1 << 20, metadata={
@@ -39,6 +42,8 @@ class ServerConfig:
             raise ValueError("lookahead must lie in (0, 30] seconds")
         if not 0 <= self.generate_ahead <= 60:
             raise ValueError("generate_ahead must lie in [0, 60] seconds")
+        if self.threads < 0:
+            raise ValueError("threads must be 0 (automatic) or more")
         if self.max_sessions < 1 or self.max_batch < 1:
             raise ValueError("max_sessions and max_batch must be at least 1")
         if not 1 <= self.port <= 65535 and self.port != 0:

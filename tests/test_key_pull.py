@@ -11,7 +11,7 @@ import torch
 from model.continuation import continuation_metrics
 from model.fm import FieldMachine, ModelConfig
 from model.generation import BatchGenerator
-from model.key_pull import heard_counts, note_pitch_classes, pull_toward_heard
+from model.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
 from model.sampling import SamplingConfig
 from model.tokenizer import BAR, NOTE, REST, SPECIAL_KINDS, TokenKey, Tokenizer, TokenSequence, special_key
 
@@ -42,10 +42,13 @@ def test_pitch_classes_and_heard_counts(tokenizer):
     assert (classes[: len(SPECIAL_KINDS) + 2] == -1).all()  # specials, bar, rest
     ids = [tokenizer.index[TokenKey(BAR, 4, 4, 0)], note(tokenizer, 60), note(tokenizer, 72, 1), note(tokenizer, 67, 2)]
     assert heard_counts(np.array(ids), classes).tolist() == [2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    matrix = pitch_class_matrix(classes)
+    assert matrix.shape == (tokenizer.vocab_size, 12) and matrix.sum().item() == (classes >= 0).sum()
+    assert matrix[note(tokenizer, 61), 1] == 1
 
 
 def test_nothing_heard_or_no_pull_leaves_the_distribution_alone(tokenizer):
-    classes = torch.from_numpy(note_pitch_classes(tokenizer))
+    classes = pitch_class_matrix(note_pitch_classes(tokenizer))
     logits = torch.randn(3, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
     heard = torch.zeros(3, 12)
     heard[2, 0] = 5.0
@@ -55,15 +58,16 @@ def test_nothing_heard_or_no_pull_leaves_the_distribution_alone(tokenizer):
 
 
 def test_the_pull_favours_heard_pitch_classes_and_keeps_bars_and_rests(tokenizer):
-    classes = torch.from_numpy(note_pitch_classes(tokenizer))
-    is_note = classes >= 0
+    pitch_classes = torch.from_numpy(note_pitch_classes(tokenizer))
+    classes = pitch_class_matrix(note_pitch_classes(tokenizer))
+    is_note = pitch_classes >= 0
     logits = torch.randn(1, tokenizer.vocab_size, generator=torch.Generator().manual_seed(1))
     logits[0, tokenizer.index[TokenKey(REST, 8, 0, 0)]] = -math.inf  # masked stays masked
     heard = torch.zeros(1, 12)
     heard[0, [0, 4, 7]] = 20.0  # a C major triad, 60 notes
     pulled = pull_toward_heard(logits, heard, torch.tensor([1.5]), classes)
     before, after = probabilities(logits)[0], probabilities(pulled)[0]
-    in_triad = is_note & torch.isin(classes, torch.tensor([0, 4, 7]))
+    in_triad = is_note & torch.isin(pitch_classes, torch.tensor([0, 4, 7]))
     assert after[in_triad].sum() > 0.8 > before[in_triad].sum()
     assert after[is_note].sum() == pytest.approx(before[is_note].sum().item(), abs=1e-5)  # rhythm kept
     assert torch.allclose(after[~is_note], before[~is_note], atol=1e-6)
@@ -72,7 +76,7 @@ def test_the_pull_favours_heard_pitch_classes_and_keeps_bars_and_rests(tokenizer
 
 def test_one_played_note_pulls_gently(tokenizer):
     """PRIOR_NOTES: after one C, C gains (2/13 : 1/13) ** 1.5 against every other pitch class."""
-    classes = torch.from_numpy(note_pitch_classes(tokenizer))
+    classes = pitch_class_matrix(note_pitch_classes(tokenizer))
     logits = torch.zeros(1, tokenizer.vocab_size)
     heard = torch.zeros(1, 12)
     heard[0, 0] = 1.0

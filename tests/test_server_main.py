@@ -34,7 +34,8 @@ def test_flags_and_environment_twins(monkeypatch):
     (["--device", "tpu"], {}, "invalid choice"),
     ([], {"FM_MAX_SESSIONS": "many"}, "FM_MAX_SESSIONS"),
     ([], {"FM_DTYPE": "fp8"}, "FM_DTYPE"),
-], ids=["lookahead", "device", "env-int", "env-choice"])
+    (["--threads", "-1"], {}, "threads"),
+], ids=["lookahead", "device", "env-int", "env-choice", "threads"])
 def test_bad_settings_are_refused_with_a_message(monkeypatch, capsys, argv, env, words):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
