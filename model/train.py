@@ -352,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill = Ctrl-C: save and exit
+    # Ctrl-C and kill: save and exit. SIGINT explicitly too: a trainer started as a background job
+    # of a non-interactive shell inherits SIGINT ignored, and would otherwise never stop on it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     stats = trainer.run()
     print(f"done: {stats['steps']} steps, {stats['epochs']} epochs, validation loss "
           f"{stats['val_loss']}, best {stats['best_val_loss']}, {stats['tokens_per_s']} tokens/s; "
