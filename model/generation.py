@@ -51,7 +51,7 @@ class BatchGenerator:
         self.device = next(model.parameters()).device
         self.banned = torch.tensor(NEVER_SAMPLED + (() if allow_eos else (EOS,)), device=self.device)
         self._pitch_classes = note_pitch_classes(tokenizer)
-        self.pitch_classes = pitch_class_matrix(self._pitch_classes).to(self.device)
+        self.pitch_class_rows = pitch_class_matrix(self._pitch_classes).to(self.device)
         ids = np.arange(tokenizer.vocab_size)
         timed = np.isin(tokenizer.kinds(ids), (NOTE, REST))
         positions = np.array([tokenizer.vocab[t].c for t in ids.tolist()], dtype=np.int64)
@@ -151,9 +151,9 @@ class BatchGenerator:
             heard = heard.to(self.device)
             rows = ((batch.key_pull > 0) & (heard.sum(dim=1) > 0)).nonzero().squeeze(1)
             if rows.numel() == len(sampling):
-                logits = pull_toward_heard(logits, heard, batch.key_pull, self.pitch_classes)
+                logits = pull_toward_heard(logits, heard, batch.key_pull, self.pitch_class_rows)
             elif rows.numel():
-                logits[rows] = pull_toward_heard(logits[rows], heard[rows], batch.key_pull[rows], self.pitch_classes)
+                logits[rows] = pull_toward_heard(logits[rows], heard[rows], batch.key_pull[rows], self.pitch_class_rows)
         logits[:, self.banned] = float("-inf")
         logits.masked_fill_(self.out_of_order(decoders), float("-inf"))
         tokens = sample(logits, batch)
