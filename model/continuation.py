@@ -35,18 +35,16 @@ import torch
 from tqdm import tqdm
 
 from model.generation import BatchGenerator
+from model.key_pull import heard_counts, note_pitch_classes
 from model.sampling import SamplingConfig
-from model.tokenizer import NOTE, Tokenizer, TokenSequence
+from model.tokenizer import Tokenizer, TokenSequence
 
 SECONDS_PER_BEAT = 0.5  # 120 bpm: tokens carry no tempo
 
 
 def pitch_class_histogram(ids: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
     """(12,) share of NOTE tokens per pitch class; uniform when there are no notes."""
-    ids = np.asarray(ids)
-    notes = ids[tokenizer.kinds(ids) == NOTE]
-    counts = np.bincount(np.array([tokenizer.vocab[t].a % 12 for t in notes.tolist()], dtype=np.int64),
-                         minlength=12).astype(np.float64)
+    counts = heard_counts(ids, note_pitch_classes(tokenizer)).astype(np.float64)
     return counts / counts.sum() if counts.sum() else np.full(12, 1 / 12)
 
 
@@ -171,7 +169,7 @@ def format_metrics(m: dict) -> str:
     rows = [f"continuations: {m['n']} held-out prompts of {m['prompt_tokens']} tokens, "
             f"{m['continuation_tokens']} tokens each (temperature {m['sampling']['temperature']}, "
             f"top_k {m['sampling']['top_k']}, top_p {m['sampling']['top_p']}, "
-            f"key_pull {m['sampling'].get('key_pull', 0.0)})",
+            f"key_pull {m['sampling']['key_pull']})",
             f"{'':<18}{'generated':>12}{'real':>12}",
             f"{'distinctness':<18}{m['distinctness']:>12.3f}{1.0:>12.3f}",
             f"{'prompt_fidelity':<18}{m['prompt_fidelity']:>12.3f}{m['real_prompt_fidelity']:>12.3f}",

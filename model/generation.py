@@ -7,8 +7,9 @@ DNA is built with :meth:`Tokenizer.token_dna` from the token, the velocity and v
 heads chose, and the bar length in force, exactly as :meth:`Tokenizer.dna` builds it for training.
 
 Sampling keeps to the token grammar every training sequence obeys: a BAR comes before any NOTE or
-REST; inside a bar, NOTE and REST positions never go back and never reach the bar's end (a new bar needs a BAR token), and at most
-``max_voices`` notes (16; the Bach corpus's largest chord has 13) start together. Tokens that would
+REST; inside a bar, NOTE and REST positions never go back and never reach the bar's end (a new
+bar needs a BAR token); at most ``max_voices`` notes (16; the Bach corpus's largest chord has 13)
+start together. Tokens that would
 break it are masked per stream before sampling, from the stream's decoder (its position in the
 bar, the bar's length, the notes already at that position). Without the mask a stream can fall
 into stacking notes on one position or past the bar's end, where time stops: the shipped model

@@ -7,8 +7,8 @@ budget on the same training split, batches and learning-rate schedule (warm-up, 
 decay that follows the clock), then measured on the validation split: next-token NLL (windows of
 ``--max_seq_len`` tokens, the same context for every variant), the continuation metrics of
 :mod:`model.continuation` (default sampling with ``key_pull`` 0: the model alone, no nudge
-toward the prompt's pitch classes), and the time of one generation step for one stream at positions 100
-and 10,000. Results go to ``<out_dir>/study.json`` and ``<out_dir>/study.md`` (a table).
+toward the prompt's pitch classes), and the time of one generation step for one stream at
+positions 100 and 10,000. Results go to ``<out_dir>/study.json`` and ``<out_dir>/study.md`` (a table).
 
 Variants (``--variants``, comma-separated): ``transformer`` (tied token embedding),
 ``transformer_factored`` (its token rows built like the FM's factored head), and the FM variants in

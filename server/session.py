@@ -32,7 +32,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -65,8 +65,8 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def sampling_with(current: SamplingConfig, settings: Settings) -> SamplingConfig:
-    changes = {name: getattr(settings, name) for name in ("temperature", "top_k", "top_p", "min_p", "seed", "key_pull")
-               if getattr(settings, name) is not None}
+    changes = {f.name: getattr(settings, f.name) for f in fields(SamplingConfig)
+               if getattr(settings, f.name) is not None}
     return replace(current, **changes)
 
 

@@ -58,7 +58,7 @@ def test_nothing_heard_or_no_pull_leaves_the_distribution_alone(tokenizer):
 
 
 def test_the_pull_favours_heard_pitch_classes_and_keeps_bars_and_rests(tokenizer):
-    pitch_classes = torch.from_numpy(note_pitch_classes(tokenizer))
+    pitch_classes = torch.tensor(note_pitch_classes(tokenizer))
     classes = pitch_class_matrix(note_pitch_classes(tokenizer))
     is_note = pitch_classes >= 0
     logits = torch.randn(1, tokenizer.vocab_size, generator=torch.Generator().manual_seed(1))
