@@ -13,12 +13,17 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
-from model import checkpoint as ckpt
-from model.fm import FieldMachine, FieldState, ModelConfig
-from model.device import resolve_device, resolve_precision
+from model.checkpoint.format import load_model
+from model.fm.config import ModelConfig
+from model.fm.machine import FieldMachine
+from model.fm.state import FieldState
+from model.runtime.device import resolve_device, resolve_precision
+from model.tokenizer.dna import DNA_FLOATS
+from model.tokenizer.tokenizer import Tokenizer
 
 
 def timed(fn, *, repeat: int, device: torch.device) -> float:
@@ -37,7 +42,7 @@ def timed(fn, *, repeat: int, device: torch.device) -> float:
 
 
 def random_inputs(batch: int, length: int, config: ModelConfig, device: torch.device):
-    dna = torch.rand(batch, length, 7, device=device)
+    dna = torch.rand(batch, length, DNA_FLOATS, device=device)
     slots = torch.randint(0, config.voice_slots, (batch, length), device=device)
     return dna, slots
 
@@ -71,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     if args.checkpoint:
-        model, _, _ = ckpt.load_model(args.checkpoint, device=device)
+        model, _, _ = load_model(args.checkpoint, device=device)
         config = model.config
     else:
-        config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, decoder_hidden=args.decoder_hidden,
+        shape = asdict(Tokenizer().shape) | {"vocab_size": args.vocab_size}  # the default tokenizer's tables
+        config = ModelConfig(**shape, dim=args.dim, decoder_hidden=args.decoder_hidden,
                              readout=args.readout, dropout=0.0)
         model = FieldMachine(config).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (

@@ -7,7 +7,7 @@ reported in nats per token and in bits per note (total bits over the files' note
 
 With ``--continuations N`` it also continues the first 64 tokens of N of the scored files and
 reports how varied, prompt-faithful and seed-dependent the continuations are
-(:mod:`model.continuation`).
+(:mod:`model.evaluation.continuation`).
 """
 
 from __future__ import annotations
@@ -18,40 +18,20 @@ import logging
 import math
 import sys
 
-import torch
 from tqdm import tqdm
 
-from model import checkpoint as ckpt
-from model.baselines import Baselines
-from model.cli import add_dataclass_arguments, dataclass_from_args
-from model.continuation import continuation_metrics, format_metrics
-from model.device import resolve_device
-from model.generation import BatchGenerator
-from model.sampling import SamplingConfig
-from model.data import load_corpus
-from model.fm import FieldMachine, FieldState
-from model.tokenizer import Tokenizer, TokenSequence
+from model.checkpoint.files import CheckpointError
+from model.checkpoint.format import load_model
+from model.evaluation.baselines import Baselines
+from model.evaluation.continuation import continuation_metrics, format_metrics
+from model.evaluation.nll import sequence_nll
+from model.generation.generator import BatchGenerator
+from model.runtime.device import resolve_device
+from model.runtime.flags import add_dataclass_arguments, dataclass_from_args
+from model.sampling.config import SamplingConfig
+from model.training.corpus import load_corpus
 
 logger = logging.getLogger(__name__)
-CHUNK = 4096
-
-
-@torch.no_grad()
-def sequence_nll(model: FieldMachine, tokenizer: Tokenizer, sequence: TokenSequence,
-                 device: torch.device, chunk: int = CHUNK) -> float:
-    """Total next-token NLL (nats) of one sequence."""
-    floats, slots = tokenizer.dna(sequence)
-    dna = torch.from_numpy(floats).to(device)[None]
-    slot = torch.from_numpy(slots).to(device)[None]
-    targets = torch.from_numpy(sequence.ids[1:]).to(device)
-    state: FieldState | None = None
-    total = 0.0
-    for a in range(0, len(sequence) - 1, chunk):
-        b = min(a + chunk, len(sequence) - 1)
-        out, state = model(dna[:, a:b], slot[:, a:b], start=state, return_state=True)
-        total += torch.nn.functional.cross_entropy(out.logits[0].float(), targets[a:b],
-                                                   reduction="sum").item()
-    return total
 
 
 def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
@@ -59,15 +39,15 @@ def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
              prompt_tokens: int = 64, continuation_tokens: int = 256,
              sampling: SamplingConfig = SamplingConfig()) -> dict:
     dev = resolve_device(device)
-    model, tokenizer, loaded = ckpt.load_model(checkpoint, device=dev)
+    model, tokenizer, loaded = load_model(checkpoint, device=dev)
     model.float()
     if "baseline_unigram" not in loaded.extras:
-        raise ckpt.CheckpointError(f"{loaded.path}: the checkpoint holds no baselines")
+        raise CheckpointError(f"{loaded.path}: the checkpoint holds no baselines")
     baselines = Baselines.from_tensors(loaded.extras)
     corpus = load_corpus(midi_dir, tokenizer.config, cache_dir=cache_dir)
     if split != "all":
         if not loaded.train_config:
-            raise ckpt.CheckpointError(f"{loaded.path}: no training settings stored, so no split")
+            raise CheckpointError(f"{loaded.path}: no training settings stored, so no split")
         train_files, val_files = corpus.split(loaded.train_config["val_fraction"])
         corpus.files = val_files if split == "val" else train_files
     sequences = [tokenizer.encode_events(f.events) for f in corpus.files]
@@ -143,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                           cache_dir=args.cache_dir, split=args.split, continuations=args.continuations,
                           prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
                           sampling=dataclass_from_args(SamplingConfig, args))
-    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else format_table(result))

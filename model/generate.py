@@ -14,61 +14,60 @@ import sys
 import numpy as np
 import torch
 
-from model import checkpoint as ckpt
-from model.device import resolve_device
-from model.cli import add_dataclass_arguments, dataclass_from_args
-from model.generation import BatchGenerator
-from model.midi_io import MidiReadError, Note, Score, TempoChange, TimeSignature, read_midi, write_midi
-from model.sampling import SamplingConfig
-from model.tokenizer import TokenizerError, TokenSequence
+from model.checkpoint.files import CheckpointError
+from model.checkpoint.format import load_model
+from model.generation.generator import BatchGenerator, with_bos
+from model.midi.read import read_midi
+from model.midi.score import DEFAULT_TEMPO, MidiReadError, Score, TempoChange
+from model.midi.write import write_midi
+from model.runtime.device import resolve_device
+from model.runtime.flags import add_dataclass_arguments, dataclass_from_args
+from model.sampling.config import SamplingConfig
+from model.timebase import TICKS_PER_BEAT
+from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.vocabulary import TokenizerError
 
 logger = logging.getLogger(__name__)
-OUTPUT_TICKS_PER_BEAT = 480
 
 
 def generate(checkpoint: str, output: str, *, prompt_midi: str | None, tokens: int,
              sampling: SamplingConfig, device: str = "auto", prompt_tokens: int = 0) -> dict:
     """Write the MIDI file and return a summary (notes, seconds, tokens)."""
     dev = resolve_device(device)
-    model, tokenizer, _ = ckpt.load_model(checkpoint, device=dev)
+    model, tokenizer, _ = load_model(checkpoint, device=dev)
     generator = BatchGenerator(model, tokenizer)
-    prompt, tempos = None, [TempoChange(0, 500_000)]
+    prompt, tempos = None, [TempoChange(0, DEFAULT_TEMPO)]
     if prompt_midi:
         score = read_midi(prompt_midi)
         prompt = tokenizer.encode(score)
         if prompt_tokens:
             prompt = TokenSequence(prompt.ids[:prompt_tokens], prompt.velocity[:prompt_tokens],
                                    prompt.voice[:prompt_tokens])
-        tempos = score.tempos_at(OUTPUT_TICKS_PER_BEAT)
+        tempos = score.tempos_at(TICKS_PER_BEAT)
     state, out, decoder = generator.prime(prompt)
     heard = torch.from_numpy(generator.heard(prompt.ids if prompt else np.zeros(0, np.int64)))[None]
-    # The prompt's own notes as the model heard them (on the grid), then the continuation.
-    decoded = tokenizer.decode(prompt, ticks_per_beat=OUTPUT_TICKS_PER_BEAT) if prompt else None
-    notes = []
+    generated = []
     for step in range(tokens):
         results, state, out = generator.advance(state, out, [decoder], [sampling], [step], heard)
-        if results[0].note is not None:
-            notes.append(results[0].note)
-    scale = OUTPUT_TICKS_PER_BEAT // tokenizer.config.resolution
-    score = tokenizer.decode([], ticks_per_beat=OUTPUT_TICKS_PER_BEAT, tempos=tempos)
-    score.notes = (decoded.notes if decoded else []) + [
-        Note(pitch=n.pitch, velocity=n.velocity, onset_tick=n.onset * scale,
-             duration_tick=n.duration * scale, onset_beat=n.onset / tokenizer.config.resolution,
-             duration_beat=n.duration / tokenizer.config.resolution, channel=0, track=0, voice=n.voice)
-        for n in notes]
-    score.time_signatures = [TimeSignature(start * scale, num, den)
-                             for start, num, den in decoder.signatures] or [TimeSignature(0, 4, 4)]
+        generated.append(results[0])
+    # The prompt's own notes as the model heard them (on the grid), then the continuation: the
+    # whole stream decoded at once.
+    read = with_bos(prompt)
+    as_array = lambda values: np.asarray(values, dtype=np.int64)
+    stream = TokenSequence(np.concatenate([read.ids, as_array([r.token for r in generated])]),
+                           np.concatenate([read.velocity, as_array([r.velocity for r in generated])]),
+                           np.concatenate([read.voice, as_array([r.voice for r in generated])]))
+    score = tokenizer.decode(stream, ticks_per_beat=TICKS_PER_BEAT, tempos=tempos)
     write_midi(score, output)
-    seconds = _seconds(score)
-    return {"output": output, "notes": len(notes), "prompt_notes": len(decoded.notes) if decoded else 0,
-            "tokens": tokens,
-            "seconds": round(seconds, 2)}
+    notes = sum(r.note is not None for r in generated)
+    return {"output": output, "notes": notes, "prompt_notes": len(score.notes) - notes,
+            "tokens": tokens, "seconds": round(_seconds(score), 2)}
 
 
 def _seconds(score: Score) -> float:
     """Length in seconds through the tempo map."""
     end = score.end_tick
-    seconds, last_tick, tempo = 0.0, 0, 500_000
+    seconds, last_tick, tempo = 0.0, 0, DEFAULT_TEMPO
     for change in score.tempos:
         if change.tick >= end:
             break
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = generate(args.checkpoint, args.output, prompt_midi=args.prompt_midi,
                            tokens=args.tokens, sampling=sampling, device=args.device,
                            prompt_tokens=args.prompt_tokens)
-    except (ckpt.CheckpointError, MidiReadError, TokenizerError, ValueError) as exc:
+    except (CheckpointError, MidiReadError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {summary['output']}: {summary['notes']} generated notes"

@@ -13,8 +13,8 @@ import sys
 
 import uvicorn
 
-from model.checkpoint import CheckpointError
-from model.cli import add_dataclass_arguments, dataclass_from_args
+from model.checkpoint.files import CheckpointError
+from model.runtime.flags import add_dataclass_arguments, dataclass_from_args
 from server.config import ServerConfig
 
 

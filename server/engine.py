@@ -8,10 +8,12 @@ Who owns what:
   2. reads pending input (prompts, played notes) in chunks of at most ``input_chunk`` tokens, so a
      long prompt never holds up the other streams for long,
   3. **schedules**: asks :class:`server.scheduler.Scheduler` which streams need tokens now,
-  4. **executes** one batched O(1) step for all of them (:meth:`BatchGenerator.advance` on their
-     rows of the slab: different positions, temperatures and seeds in one batch),
-  5. **updates**: writes the rows back and hands each stream its new notes on the event loop
-     (``loop.call_soon_threadsafe``). It never waits for a client.
+  4. **executes** one batched O(1) step for all of them (:meth:`Engine._execute`:
+     :meth:`BatchGenerator.advance` on their rows of the slab, different positions, temperatures
+     and seeds in one batch) and writes the rows back,
+  5. **updates** the streams (:meth:`Engine._update`: their time, the live-stream policy) and
+     hands each its new notes on the event loop (``loop.call_soon_threadsafe``). It never waits
+     for a client.
 * The **event loop** (sessions, endpoints) talks to the engine only through :meth:`Engine.open`,
   :meth:`Engine.feed` and :meth:`Engine.release`, which queue a command and await its future. It
   may swap a stream's immutable ``sampling`` and ``timeline`` and flip ``paused``; the engine
@@ -21,8 +23,8 @@ A failed step fails exactly the streams in it: each gets ``on_error`` and is nev
 again, so no session hangs and the others carry on.
 
 State: one row per stream in a preallocated slab (``capacity`` rows): the field and position
-(:class:`model.fm.FieldState`), the 12 pitch-class counts of what the stream heard from its player
-(prompt and played notes, which ``key_pull`` leans toward: :mod:`model.key_pull`), plus the
+(:class:`model.fm.state.FieldState`), the 12 pitch-class counts of what the stream heard from its player
+(prompt and played notes, which ``key_pull`` leans toward: :mod:`model.generation.key_pull`), plus the
 model's output for the stream's next token. Its size never changes with a session's length.
 """
 
@@ -40,14 +42,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.fm import FieldMachine, FieldState, FMOutput
-from model.generation import BatchGenerator
-from model.key_pull import PITCH_CLASSES
-from model.sampling import SamplingConfig
-from model.tokenizer import StreamDecoder, Tokenizer, TokenSequence
+from model.fm.machine import FieldMachine
+from model.fm.state import FieldState, FMOutput
+from model.generation.generator import BatchGenerator, StreamStep, decoder_for, with_bos
+from model.generation.key_pull import PITCH_CLASSES
+from model.sampling.config import SamplingConfig
+from model.timebase import Timeline
+from model.tokenizer.stream import StreamDecoder
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.sequences import TokenSequence
 from server.metrics import Metrics
 from server.scheduler import Scheduler
-from server.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +66,9 @@ class EngineClosed(RuntimeError):
 
 
 @dataclass(frozen=True)
-class GeneratedNote:
-    """A note as the engine hands it over: beats from the stream's beat 0."""
-
-    beat: float
-    duration: float  # beats
-    pitch: int
-    velocity: int
-    voice: int
-
-
-@dataclass(frozen=True)
-class PlayedInput:
-    """A played note placed on the stream's timeline (beats from the stream's beat 0)."""
+class StreamNote:
+    """A note on a stream's timeline: a generated note the engine hands over, or a played note
+    folded in. ``beat`` counts beats from the stream's beat 0 (where its prompt ends)."""
 
     beat: float
     duration: float  # beats
@@ -94,7 +89,7 @@ class Stream:
     realtime: bool
     sampling: SamplingConfig
     timeline: Timeline
-    sink: Callable[[list[GeneratedNote]], None]  # called on the event loop
+    sink: Callable[[list[StreamNote]], None]  # called on the event loop
     on_error: Callable[[str], None]  # called on the event loop, once
     on_done: Callable[[], None] | None = None  # jobs: called on the event loop when remaining hits 0
     remaining: int = 0  # jobs: tokens still to generate
@@ -130,6 +125,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.generator = BatchGenerator(model, tokenizer)
         self.device = self.generator.device
+        self.timebase = tokenizer.timebase
         self.capacity = capacity
         self.lookahead = lookahead
         self.scheduler = Scheduler(max_batch=max_batch, horizon=lookahead + generate_ahead)
@@ -150,11 +146,10 @@ class Engine:
     @torch.no_grad()
     def _allocate_slab(self) -> None:
         """Rows for ``capacity`` streams, shaped after the model's own output for one token."""
-        probe_dna, probe_slots = self.tokenizer.token_dna(np.array([1]), np.zeros(1, np.int64),
-                                                          np.zeros(1, np.int64),
-                                                          np.array([self.tokenizer.default_bar_length]))
-        out, state = self.model(torch.from_numpy(probe_dna[None]).to(self.device),
-                                torch.from_numpy(probe_slots[None]).to(self.device), return_state=True)
+        probe_dna, probe_slots = self.tokenizer.token_dna.of_tokens(
+            np.array([1]), np.zeros(1, np.int64), np.zeros(1, np.int64),
+            np.array([self.tokenizer.default_bar_length]))
+        state, out = self.generator.read(None, probe_dna[None], probe_slots[None])
         n = self.capacity
         self.field = torch.zeros((n, state.field.shape[-1]), dtype=state.field.dtype, device=self.device)
         self.position = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -206,7 +201,7 @@ class Engine:
         return await future
 
     async def open(self, prompt: TokenSequence | None, *, sampling: SamplingConfig, timeline: Timeline,
-                   realtime: bool, sink: Callable[[list[GeneratedNote]], None],
+                   realtime: bool, sink: Callable[[list[StreamNote]], None],
                    on_error: Callable[[str], None], tokens: int = 0,
                    on_done: Callable[[], None] | None = None) -> Stream:
         """Start a stream from ``prompt`` and wait until the prompt has been read.
@@ -221,7 +216,7 @@ class Engine:
         await stream.ready_future
         return stream
 
-    async def feed(self, stream: Stream, notes: list[PlayedInput]) -> tuple[int, int]:
+    async def feed(self, stream: Stream, notes: list[StreamNote]) -> tuple[int, int]:
         """Fold played notes into a stream; returns (tokens they became, notes left out because the
         vocabulary has no token for them)."""
         return await self._call(self._feed, stream, notes)
@@ -240,15 +235,12 @@ class Engine:
     def _open(self, stream: Stream, prompt: TokenSequence | None) -> None:
         if not self._free:
             raise EngineFull(f"the engine holds {self.capacity} streams, its limit")
-        tok = self.tokenizer
-        sequence = self.generator.with_bos(prompt)
-        decoder = StreamDecoder(tok)
-        for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
-            decoder.push(t, v, s)
-        floats, slots = tok.dna(sequence)
+        sequence = with_bos(prompt)
+        decoder = decoder_for(self.tokenizer, sequence)
+        floats, slots = self.tokenizer.dna(sequence)
         stream.slot = self._free.pop()
         stream.decoder = decoder
-        stream.offset = decoder.cursor / tok.config.grid_per_beat
+        stream.offset = self.timebase.beats_from_grid(decoder.cursor)
         stream.frontier = 0.0
         self.field[stream.slot] = 0
         self.position[stream.slot] = 0
@@ -256,15 +248,14 @@ class Engine:
         stream.pending = [(floats, slots)]
         self.streams[stream.id] = stream
 
-    def _feed(self, stream: Stream, notes: list[PlayedInput]) -> tuple[int, int]:
+    def _feed(self, stream: Stream, notes: list[StreamNote]) -> tuple[int, int]:
         if stream.closed or stream.failed or stream.decoder is None:
             return 0, 0
         tok = self.tokenizer
         decoder = stream.decoder
-        grid = tok.config.grid_per_beat
         bar_length = decoder.bar_length
-        played = [(round((n.beat + stream.offset) * grid), n.pitch, n.duration, n.velocity, n.voice)
-                  for n in notes]
+        played = [(self.timebase.grid_from_beats(n.beat + stream.offset), n.pitch, n.duration, n.velocity,
+                   n.voice) for n in notes]
         sequence = decoder.encode_notes(played)
         stream.unknown_played += sequence.unknown
         if len(sequence) == 0:
@@ -273,10 +264,10 @@ class Engine:
         for i, token in enumerate(sequence.ids.tolist()):
             bar_length = tok.bar_length(token) or bar_length
             lengths[i] = bar_length
-        floats, slots = tok.token_dna(sequence.ids, sequence.velocity, sequence.voice, lengths)
+        floats, slots = tok.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths)
         stream.pending.append((floats, slots))
         self.heard[stream.slot] += torch.from_numpy(self.generator.heard(sequence.ids)).to(self.device)
-        stream.frontier = max(stream.frontier, decoder.cursor / grid - stream.offset)
+        stream.frontier = max(stream.frontier, self._beat_of_cursor(stream))
         return len(sequence), sequence.unknown
 
     def _release(self, stream: Stream) -> None:
@@ -368,15 +359,21 @@ class Engine:
     def _read_chunk(self, stream: Stream, floats: np.ndarray, slots: np.ndarray) -> None:
         rows = torch.tensor([stream.slot], device=self.device)
         state, _ = self._rows(rows)
-        dna = torch.from_numpy(np.ascontiguousarray(floats)[None]).to(self.device)
-        slot = torch.from_numpy(np.ascontiguousarray(slots)[None]).to(self.device)
-        out, new_state = self.model(dna, slot, start=state, return_state=True)
-        last = FMOutput(out.logits[:, -1], out.velocity[:, -1], out.voice[:, -1])
+        new_state, last = self.generator.read(state, floats[None], slots[None])
         self._store(rows, new_state, last)
 
-    @torch.no_grad()
     def _step(self, batch: list[Stream]) -> None:
+        """One engine step: execute the model for the scheduled streams, then update them."""
         began = time.perf_counter()
+        results = self._execute(batch)
+        if results is not None:
+            self._update(batch, results)
+            self.metrics.step(len(batch), time.perf_counter() - began)
+
+    @torch.no_grad()
+    def _execute(self, batch: list[Stream]) -> list[StreamStep] | None:
+        """Advance the streams' rows of the slab by one token each (one batched step) and write
+        them back; a failure fails every stream of the batch (None)."""
         rows = torch.tensor([s.slot for s in batch], device=self.device)
         try:
             state, out = self._rows(rows)
@@ -388,38 +385,44 @@ class Engine:
             logger.exception("a model step of %d streams failed", len(batch))
             for stream in batch:
                 self._fail(stream, f"the model step failed: {exc}")
-            return
+            return None
+        return results
+
+    def _update(self, batch: list[Stream], results: list[StreamStep]) -> None:
+        """Move each stream's time on, turn its new note into a :class:`StreamNote` (a live stream
+        only moves forward), hand the notes over and release finished jobs."""
         deliveries = []
-        grid = self.tokenizer.config.grid_per_beat
-        resolution = self.tokenizer.config.resolution
         moved = 0
         for stream, result in zip(batch, results):
             stream.steps += 1
             previous = stream.frontier
-            stream.frontier = max(previous, stream.decoder.cursor / grid - stream.offset)
+            stream.frontier = max(previous, self._beat_of_cursor(stream))
             if result.note is not None:
                 n = result.note
-                beat = n.onset / resolution - stream.offset
+                beat = self.timebase.beats_from_steps(n.onset) - stream.offset
                 if stream.realtime and beat < previous:
                     # A live stream only moves forward: a note placed before the latest onset
                     # (earlier in the bar) sounds at that onset instead of in the past.
                     beat, moved = previous, moved + 1
-                deliveries.append((stream, GeneratedNote(beat, n.duration / resolution, n.pitch, n.velocity,
-                                                         n.voice)))
+                deliveries.append((stream, StreamNote(beat, self.timebase.beats_from_steps(n.duration), n.pitch,
+                                                      n.velocity, n.voice)))
             if not stream.realtime:
                 stream.remaining -= 1
-        self.metrics.step(len(batch), time.perf_counter() - began)
         if moved:
             self.metrics.notes_moved.inc(moved)
-        self._post(self._deliver, deliveries, [s for s in batch if not s.realtime and s.remaining <= 0])
-        for stream in batch:
-            if not stream.realtime and stream.remaining <= 0:
-                self._release(stream)
+        finished = [s for s in batch if not s.realtime and s.remaining <= 0]
+        self._post(self._deliver, deliveries, finished)
+        for stream in finished:
+            self._release(stream)
+
+    def _beat_of_cursor(self, stream: Stream) -> float:
+        """Beats from the stream's beat 0 to the onset of its latest token."""
+        return self.timebase.beats_from_grid(stream.decoder.cursor) - stream.offset
 
     # ------------------------------------------------------------------ event loop: hand-over
     @staticmethod
-    def _deliver(deliveries: list[tuple[Stream, GeneratedNote]], finished: list[Stream]) -> None:
-        by_stream: dict[int, tuple[Stream, list[GeneratedNote]]] = {}
+    def _deliver(deliveries: list[tuple[Stream, StreamNote]], finished: list[Stream]) -> None:
+        by_stream: dict[int, tuple[Stream, list[StreamNote]]] = {}
         for stream, note in deliveries:
             by_stream.setdefault(stream.id, (stream, []))[1].append(note)
         for stream, notes in by_stream.values():

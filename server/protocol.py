@@ -8,15 +8,18 @@ Every frame is one JSON object with a ``type``. Client messages are parsed with
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from enum import StrEnum
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from model.sampling import KEY_PULL_LIMIT
+from model.sampling.config import SETTING_RANGES, SamplingConfig
 
 MAX_PROMPT_NOTES = 4096
 MAX_PLAYED_NOTES = 512  # per "notes" frame
+MIN_BPM, MAX_BPM = 20.0, 400.0
+DEFAULT_BPM = 120.0
 
 
 class ErrorCode(StrEnum):
@@ -36,6 +39,30 @@ class ErrorCode(StrEnum):
     UNREADABLE_NOTES = "unreadable_notes"    # played notes the model's vocabulary cannot hold (left out)
 
 
+class RequestError(ValueError):
+    """Bad input, with the stable code the client gets back (an error frame, or an HTTP error)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """The first few problems of a pydantic error, one ``field: message`` each."""
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"] if p not in CLIENT_TYPES)
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def usable_bpm(bpm: float | None) -> float | None:
+    """``bpm`` if the server plays at that tempo (MIN_BPM-MAX_BPM), else None."""
+    return bpm if bpm is not None and MIN_BPM <= bpm <= MAX_BPM else None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,21 +78,40 @@ class PlayedNote(Strict):
     voice: int = Field(default=0, ge=0, le=15, description="voice (track) 0-15")
 
 
+def _sampling_field(name: str):
+    """A wire field for a :class:`SamplingConfig` setting: its help and range come from there."""
+    setting = next(f for f in fields(SamplingConfig) if f.name == name)
+    return Field(default=None, description=setting.metadata["help"])
+
+
 class Settings(Strict):
-    """Generation settings; every field optional (``None`` keeps the current value)."""
+    """Generation settings; every field optional (``None`` keeps the current value). The sampling
+    settings' ranges and messages are :class:`model.sampling.config.SamplingConfig`'s."""
 
-    bpm: float | None = Field(default=None, ge=20, le=400, description="tempo, 20-400 beats per minute")
-    temperature: float | None = Field(default=None, gt=0, le=10, description="sampling temperature, > 0")
-    top_k: int | None = Field(default=None, ge=0, le=100_000, description="keep the k likeliest tokens (0 = all)")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus mass, in (0, 1]")
-    min_p: float | None = Field(default=None, ge=0, lt=1, description="drop tokens below min_p x the likeliest")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="random seed of the stream")
-    key_pull: float | None = Field(default=None, ge=0, le=KEY_PULL_LIMIT,
-                                   description="lean toward the pitch classes of the prompt and played notes, "
-                                               f"0-{KEY_PULL_LIMIT:g} (0 = off)")
+    bpm: float | None = Field(default=None, ge=MIN_BPM, le=MAX_BPM,
+                              description=f"tempo, {MIN_BPM:g}-{MAX_BPM:g} beats per minute")
+    temperature: float | None = _sampling_field("temperature")
+    top_k: int | None = _sampling_field("top_k")
+    top_p: float | None = _sampling_field("top_p")
+    min_p: float | None = _sampling_field("min_p")
+    seed: int | None = _sampling_field("seed")
+    key_pull: float | None = _sampling_field("key_pull")
+
+    @model_validator(mode="after")
+    def _sampling_ranges(self):
+        for name, allowed in SETTING_RANGES.items():
+            value = getattr(self, name)
+            if value is not None:
+                allowed.check(name, value)
+        return self
+
+    def applied_to(self, current: SamplingConfig) -> SamplingConfig:
+        """``current`` with every setting this message gives replaced."""
+        return replace(current, **{name: getattr(self, name) for name in SETTING_RANGES
+                                   if getattr(self, name) is not None})
 
 
-class Prompt(Strict):
+class PromptFields(Strict):
     prompt_midi: str | None = Field(default=None, description="a .mid file, base64-encoded")
     prompt_notes: list[PlayedNote] | None = Field(default=None, max_length=MAX_PROMPT_NOTES)
 
@@ -77,7 +123,7 @@ class Prompt(Strict):
 
 
 # ----------------------------------------------------------------------------- client -> server
-class StartMessage(Settings, Prompt):
+class StartMessage(Settings, PromptFields):
     type: Literal["start"]
     resume_token: str | None = Field(default=None, description="continue a dropped session")
 
@@ -133,6 +179,10 @@ class StateReply(BaseModel):
     seed: int
     key_pull: float
 
+    @classmethod
+    def of(cls, state: Literal["playing", "paused"], bpm: float, sampling: SamplingConfig) -> "StateReply":
+        return cls(state=state, bpm=bpm, **{name: getattr(sampling, name) for name in SETTING_RANGES})
+
 
 class OutNote(BaseModel):
     pitch: int
@@ -163,7 +213,7 @@ class StoppedReply(BaseModel):
 MAX_GENERATE_TOKENS = 4096
 
 
-class GenerateRequest(Settings, Prompt):
+class GenerateRequest(Settings, PromptFields):
     tokens: int = Field(default=512, ge=1, le=MAX_GENERATE_TOKENS,
                         description=f"tokens to generate, 1-{MAX_GENERATE_TOKENS}")
     include_prompt: bool = Field(default=False, description="put the prompt's notes before the continuation")

@@ -6,7 +6,7 @@ import io
 
 import mido
 
-from model.midi_io import events_to_track
+from model.midi.write import events_to_track
 
 
 def build_midi(notes: list[tuple[float, float, int]] | list[tuple[float, float, int, int, int]],

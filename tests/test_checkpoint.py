@@ -17,12 +17,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import model.checkpoint as checkpoint
-from model.checkpoint import (CheckpointError, append_log_row, check_state_dict, checkpoint_dirs,
-                              link_or_copy, load_checkpoint, load_model, load_optimizer_state,
-                              save_checkpoint, write_json)
-from model.fm import FieldMachine, ModelConfig
-from model.tokenizer import BAR, SPECIAL_KINDS, TokenKey, Tokenizer, special_key
+from model.checkpoint import atomic
+from model.checkpoint import format as checkpoint
+from model.checkpoint.files import CheckpointError
+from model.checkpoint.format import (check_state_dict, link_or_copy, load_checkpoint, load_model, load_optimizer_state, save_checkpoint)
+from model.training.run_folder import TRAINER_FILES, append_log_row
+from model.fm.config import ModelConfig
+from model.fm.machine import FieldMachine
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import BAR, SPECIAL_KINDS, TokenKey, special_key
+from tests.model_shapes import token_shape
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_PID = 4_194_305  # above the kernel's largest pid_max: no process can have it
@@ -137,7 +141,7 @@ def test_loading_never_calls_torch_load(saved: Path, monkeypatch: pytest.MonkeyP
 
 def test_load_model_rebuilds_the_field_machine(tmp_path: Path) -> None:
     tokenizer = Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + [TokenKey(BAR, 4, 4, 0)])
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=8, decoder_layers=1,
+    config = ModelConfig(**token_shape(tokenizer.vocab_size), dim=8, decoder_layers=1,
                          decoder_hidden=8, voice_embedding=4)
     torch.manual_seed(0)
     fm = FieldMachine(config).eval()
@@ -343,7 +347,7 @@ def test_failed_swap_rolls_back(saved: Path, monkeypatch: pytest.MonkeyPatch) ->
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     torch.manual_seed(5)
     with pytest.raises(OSError, match="rename failed"):
         save(saved, build(TinyConfig()), step=99)
@@ -361,8 +365,8 @@ def child_save(directory: str, kill_at: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if kill_at == "writing":  # config.json is the last file written into the temp directory
-        real_write = checkpoint._write_file
-        checkpoint._write_file = lambda path, text: (
+        real_write = atomic.write_file
+        atomic.write_file = lambda path, text: (
             die() if path.name == "config.json" else real_write(path, text))
     elif kill_at == "between-renames":
         real_replace = os.replace
@@ -374,9 +378,9 @@ def child_save(directory: str, kill_at: str) -> None:
                 die()
             real_replace(src, dst)
 
-        checkpoint.os.replace = replace
+        atomic.os.replace = replace
     elif kill_at == "before-cleanup":
-        checkpoint._remove_tree = die
+        atomic.remove_tree = die
     torch.manual_seed(7)
     save(Path(directory), build(TinyConfig()), step=20)
     raise SystemExit("the save finished; it should have been killed")
@@ -430,7 +434,7 @@ def test_leftovers_of_a_dead_process_are_recovered(saved: Path,
     assert leftovers(saved.parent) == []
 
 
-# ====================================================================== the directory set
+# ====================================================================== copies
 def test_link_or_copy_makes_an_independent_copy(saved: Path) -> None:
     best = saved.with_name("best")
     append_log_row(saved, {"step": 10, "val_loss": 2.0})
@@ -441,10 +445,10 @@ def test_link_or_copy_makes_an_independent_copy(saved: Path) -> None:
     # Replacing latest and logging to it leave best as it was.
     append_log_row(saved, {"step": 20, "val_loss": 1.5})
     torch.manual_seed(4)
-    save(saved, build(TinyConfig()), step=20)
+    save(saved, build(TinyConfig()), step=20, keep=TRAINER_FILES)
     assert load_checkpoint(best).step == 10
     assert [row["step"] for row in csv.DictReader((best / "training_log.csv").open())] == ["10"]
-    # ... and the save carried latest's log over.
+    # ... and the save carried latest's log over (keep).
     assert [row["step"] for row in csv.DictReader((saved / "training_log.csv").open())] == [
         "10", "20"]
 
@@ -460,31 +464,8 @@ def test_link_or_copy_needs_a_checkpoint(tmp_path: Path) -> None:
     assert not (tmp_path / "best").exists()
 
 
-def test_append_log_row(tmp_path: Path) -> None:
-    file = append_log_row(tmp_path, {"step": 1, "loss": 3.5, "lr": 0.01})
-    append_log_row(tmp_path, {"step": 2, "loss": 3.25})
-    with file.open(newline="") as f:
-        assert list(csv.reader(f)) == [["step", "loss", "lr"], ["1", "3.5", "0.01"],
-                                       ["2", "3.25", ""]]
-    with pytest.raises(CheckpointError, match="training_log.csv: columns \\['grad_norm'\\]"):
-        append_log_row(tmp_path, {"step": 3, "grad_norm": 1.0})
-
-
-def test_write_json(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "run_stats.json", {"tokens_per_s": 1.5e5, "steps": [1, 2]})
-    assert json.loads(path.read_text()) == {"tokens_per_s": 1.5e5, "steps": [1, 2]}
-    write_json(path, {"steps": []})
-    assert json.loads(path.read_text()) == {"steps": []}
-    assert leftovers(tmp_path) == []
-
-
-def test_checkpoint_dirs(tmp_path: Path, net: nn.Module) -> None:
-    dirs = checkpoint_dirs(tmp_path / "run")
-    assert (dirs.latest, dirs.best) == (tmp_path / "run" / "latest", tmp_path / "run" / "best")
-    assert dirs.epoch(1) == tmp_path / "run" / "epoch_001"
-    assert dirs.timed(datetime(2025, 1, 2, 3, 4, 5)) == tmp_path / "run" / "timed_20250102_030405"
-    for epoch in (10, 2, 1):
-        save(dirs.epoch(epoch), net, epoch=epoch)
-    save(dirs.timed(datetime(2025, 1, 2, 3, 4, 5)), net)
-    assert [p.name for p in dirs.epochs()] == ["epoch_001", "epoch_002", "epoch_010"]
-    assert [p.name for p in dirs.timed_dirs()] == ["timed_20250102_030405"]
+def test_a_save_carries_over_only_the_files_it_is_asked_to_keep(saved: Path) -> None:
+    append_log_row(saved, {"step": 10})
+    (saved / "notes.txt").write_text("mine")
+    save(saved, build(TinyConfig()), step=11, keep=("notes.txt",))
+    assert (saved / "notes.txt").read_text() == "mine" and not (saved / "training_log.csv").exists()

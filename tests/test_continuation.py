@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.continuation import (continuation_metrics, distinctness, js_distance, longest_repeat,
-                                pitch_class_histogram, prompt_fidelity, seed_spread)
-from model.fm import FieldMachine, ModelConfig
-from model.generation import BatchGenerator
-from model.sampling import SamplingConfig
-from model.tokenizer import BAR, NOTE, SPECIAL_KINDS, TokenKey, Tokenizer, TokenSequence, special_key
+from model.evaluation.continuation import (continuation_metrics, distinctness, js_distance, longest_repeat, pitch_class_histogram, prompt_fidelity, seed_spread)
+from model.fm.config import ModelConfig
+from model.fm.machine import FieldMachine
+from model.generation.generator import BatchGenerator
+from model.sampling.config import SamplingConfig
+from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import BAR, NOTE, SPECIAL_KINDS, TokenKey, special_key
 from tests.conftest import run_module
+from tests.model_shapes import token_shape
 
 POSITIONS = (0, 12, 24, 36)
 
@@ -75,7 +78,7 @@ def test_seed_spread_and_longest_repeat():
 
 def test_continuation_metrics_on_a_model(tokenizer):
     torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, decoder_hidden=32,
+    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32,
                                      dropout=0.0, decays="0,8")).eval()
     sequences = [TokenSequence(p, np.full(len(p), 4), np.zeros(len(p), np.int64)) for p in pieces(tokenizer)]
     m = continuation_metrics(BatchGenerator(model, tokenizer), sequences, 4, prompt_tokens=12, tokens=20,

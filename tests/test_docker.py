@@ -264,8 +264,8 @@ def test_server_restarts_on_failure(docker_compose, name):
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_train_service_trains_on_a_mounted_midi_folder(docker_compose, name):
-    from model.cli import add_dataclass_arguments
-    from model.train import TrainConfig
+    from model.runtime.flags import add_dataclass_arguments
+    from model.training.trainer import TrainConfig
 
     services = resolved(docker_compose, name)
     train, server = services["train"], services["server"]

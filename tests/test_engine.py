@@ -8,15 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from model import checkpoint as ckpt
-from model.sampling import SamplingConfig
-from server.engine import Engine, PlayedInput
-from server.timeline import Timeline
+from model.checkpoint.format import load_model
+from model.sampling.config import SamplingConfig
+from server.engine import Engine, StreamNote
+from model.timebase import Timeline
 
 
 @pytest.fixture(scope="module")
 def served(served_checkpoint):
-    model, tokenizer, _ = ckpt.load_model(served_checkpoint)
+    model, tokenizer, _ = load_model(served_checkpoint)
     return model, tokenizer
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fm import FieldMachine, FieldState, ModelConfig, sequence_loss
+from model.fm.config import ModelConfig
+from model.fm.loss import sequence_loss
+from model.fm.machine import FieldMachine
+from model.fm.state import FieldState
+from tests.model_shapes import token_shape
 
 VARIANTS = [("field", False), ("demod", False), ("demod", True), ("field", True),
             ("demod", "0,512,16,1"), ("field", "0,4")]
@@ -16,7 +20,7 @@ def make_model(readout: str, direct: bool | str, dim: int = 64, seed: int = 0) -
     """``direct`` as a string: the direct path plus those decay time constants."""
     torch.manual_seed(seed)
     decays = direct if isinstance(direct, str) else ""
-    config = ModelConfig(vocab_size=50, dim=dim, decoder_hidden=48, decoder_layers=3,
+    config = ModelConfig(**token_shape(50), dim=dim, decoder_hidden=48, decoder_layers=3,
                          dropout=0.0, readout=readout, direct=bool(direct), decays=decays)
     return FieldMachine(config).eval().double().float()
 
@@ -135,9 +139,9 @@ def test_loss_and_heads_train():
 
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="readout must be one of"):
-        ModelConfig(vocab_size=50, readout="attention")
+        ModelConfig(**token_shape(50), readout="attention")
     with pytest.raises(ValueError, match="decay time constant"):
-        ModelConfig(vocab_size=50, decays="0,0.5")
+        ModelConfig(**token_shape(50), decays="0,0.5")
 
 
 def test_decayed_field_forgets_at_its_rate():
@@ -169,12 +173,12 @@ def test_chunked_forward_equals_one_pass(readout, direct):
 
 
 def test_factored_head_shares_rows_and_keeps_the_step_exact():
-    from model.tokenizer import NOTE, REST, SPECIAL_KINDS, TokenKey, special_key
+    from model.tokenizer.vocabulary import NOTE, REST, SPECIAL_KINDS, TokenKey, special_key
 
     vocab = [special_key(k) for k in SPECIAL_KINDS] + [
         TokenKey(NOTE, 60, 8, 0), TokenKey(NOTE, 60, 3, 12), TokenKey(NOTE, 72, 8, 0), TokenKey(REST, -1, 8, 0)]
     torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(vocab_size=len(vocab), dim=32, decoder_hidden=16, dropout=0.0,
+    model = FieldMachine(ModelConfig(**token_shape(len(vocab)), dim=32, decoder_hidden=16, dropout=0.0,
                                      decays="0,8", head="factored")).eval()
     model.set_vocabulary(vocab)
     parts = model.token_head.parts

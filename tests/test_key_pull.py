@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.continuation import continuation_metrics
-from model.fm import FieldMachine, ModelConfig
-from model.generation import BatchGenerator
-from model.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
-from model.sampling import SamplingConfig
-from model.tokenizer import BAR, NOTE, REST, SPECIAL_KINDS, TokenKey, Tokenizer, TokenSequence, special_key
+from model.evaluation.continuation import continuation_metrics
+from model.fm.config import ModelConfig
+from model.fm.machine import FieldMachine
+from model.generation.generator import BatchGenerator
+from model.generation.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
+from model.sampling.config import SamplingConfig
+from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import BAR, NOTE, REST, SPECIAL_KINDS, TokenKey, special_key
+from tests.model_shapes import token_shape
 
 POSITIONS = (0, 12, 24, 36)
 SCALES = [[60, 62, 64, 65, 67, 69, 71], [61, 63, 66, 68, 70], [62, 64, 66, 67, 69, 71, 73],
@@ -88,7 +92,7 @@ def test_one_played_note_pulls_gently(tokenizer):
 def test_continuations_follow_their_prompts_with_the_pull(tokenizer):
     """An untrained model ignores its prompt; the pull alone brings each continuation back to it."""
     torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, decoder_hidden=32,
+    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32,
                                      dropout=0.0, decays="0,8")).eval()
     rng = np.random.default_rng(0)
     sequences = []

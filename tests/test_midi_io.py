@@ -7,7 +7,9 @@ import struct
 import mido
 import pytest
 
-from model.midi_io import MidiReadError, read_midi, score_to_midifile, write_midi
+from model.midi.read import read_midi
+from model.midi.score import MidiReadError
+from model.midi.write import score_to_midifile, write_midi
 from tests.midi_builders import build_midi
 
 

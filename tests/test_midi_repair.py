@@ -9,7 +9,7 @@ from pathlib import Path
 import mido
 import pytest
 
-from model.midi_repair import MidiRepairError, RepairReport, read_tolerant
+from model.midi.repair import MidiRepairError, RepairReport, read_tolerant
 
 STRICT_FAILURES = [
     "suites/airgstr4.mid", "wtcbki/fugue11.mid", "wtcbki/fugue12.mid", "wtcbki/fugue13.mid",

@@ -7,14 +7,10 @@ import math
 import pytest
 import torch
 
-from model.sampling import (
-    SamplingBatch,
-    SamplingConfig,
-    filter_logits,
-    philox4x32_10,
-    sample,
-    stream_uniform,
-)
+from model.sampling.batch import SamplingBatch
+from model.sampling.config import SamplingConfig
+from model.sampling.philox import philox4x32_10, stream_uniform
+from model.sampling.sample import filter_logits, sample
 
 # --------------------------------------------------------------------------- helpers
 

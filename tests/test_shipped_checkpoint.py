@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from model.checkpoint import load_model
-from model.generation import BatchGenerator
-from model.sampling import SamplingConfig
-from model.tokenizer import BAR, NOTE
+from model.checkpoint.format import load_model
+from model.generation.generator import BatchGenerator
+from model.sampling.config import SamplingConfig
+from model.tokenizer.vocabulary import BAR, NOTE
 from server.config import ServerConfig
 from tests.server_harness import collect_notes, running_server, start_session
 

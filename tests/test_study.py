@@ -1,4 +1,4 @@
-"""python -m model.study: every variant trained, measured and tabulated, on a tiny corpus."""
+"""python -m model.research.study: every variant trained, measured and tabulated, on a tiny corpus."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.conftest import run_module, tiny_corpus
 def test_study_writes_json_and_table(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi")
     out = tmp_path / "study"
-    result = run_module("model.study", "--midi_dir", str(corpus), "--out_dir", str(out),
+    result = run_module("model.research.study", "--midi_dir", str(corpus), "--out_dir", str(out),
                         "--variants", "transformer,fm_demod_direct_decays", "--minutes", "0.05",
                         "--max_seq_len", "64", "--fm_dim", "64", "--fm_hidden", "32", "--tf_dim", "32",
                         "--tf_layers", "1", "--continuations", "2", "--prompt_tokens", "16",

@@ -10,9 +10,12 @@ import mido
 import numpy as np
 import pytest
 
-from model.midi_io import MidiReadError, read_midi
-from model.tokenizer import (BAR, NOTE, REST, StreamDecoder, TokenKey, Tokenizer, TokenizerConfig,
-                             TokenizerError, TokenSequence)
+from model.midi.read import read_midi
+from model.midi.score import MidiReadError
+from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.stream import StreamDecoder
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import BAR, NOTE, REST, TokenKey, TokenizerConfig, TokenizerError
 from tests.midi_builders import build_midi
 
 

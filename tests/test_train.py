@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from model.checkpoint import load_checkpoint
-from model.tokenizer import NOTE
+from model.checkpoint.format import load_checkpoint
+from model.tokenizer.vocabulary import NOTE
 from tests.conftest import run_module, tiny_corpus
 
 

@@ -1,0 +1,3 @@
+"""Measuring models and data: next-token baselines (:mod:`.baselines`), held-out NLL (:mod:`.nll`),
+continuation metrics (:mod:`.continuation`) and the tokenizer round trip (:mod:`.fidelity`). Used by
+the programs (train, evaluate, ``python -m model.tokenizer``) and by research; never by the server."""

@@ -1,0 +1,70 @@
+"""Every hyper-parameter of the Field Machine (:class:`ModelConfig`), stored in each checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from model.tokenizer.dna import DNA_FLOATS
+
+READOUTS = ("field", "demod")
+HEADS = ("free", "factored")
+
+
+def parse_decays(text: str) -> tuple[float, ...]:
+    """``"0,256,16"`` -> (0.0, 256.0, 16.0); empty -> (). Time constants in tokens, 0 = no decay."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ValueError(f"decays must be comma-separated numbers, not {text!r}") from exc
+    if any(not (v == 0 or v >= 1) or not math.isfinite(v) for v in values):
+        raise ValueError(f"each decay time constant must be 0 (no decay) or >= 1 token, not {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter of the model. Checkpoints store ``asdict(config)``."""
+
+    # From the tokenizer (:class:`model.tokenizer.vocabulary.TokenShape`), never set by hand:
+    # ``ModelConfig(**asdict(tokenizer.shape), dim=...)``.
+    vocab_size: int = field(metadata={"help": 'Token vocabulary size (from the tokenizer).'})
+    voice_slots: int = field(metadata={"help": 'Rows of the voice embedding: note voices plus one slot per non-note kind (tokenizer).'})
+    max_voices: int = field(metadata={"help": 'Outputs of the voice head (tokenizer).'})
+    velocity_levels: int = field(metadata={"help": 'Outputs of the velocity head (tokenizer).'})
+    dim: int = field(default=4096, metadata={"help": 'Width of the field.'})
+    decoder_layers: int = field(default=3, metadata={"help": 'Hidden layers of the MLP decoder.'})
+    decoder_hidden: int = field(default=2048, metadata={"help": "Width of the decoder's hidden layers."})
+    dropout: float = field(default=0.1, metadata={"help": 'Dropout in the decoder.'})
+    voice_embedding: int = field(default=16, metadata={"help": 'Width of the learned voice embedding in the DNA.'})
+    position_base: float = field(default=32768.0, metadata={"help": 'Base of the sinusoidal position code.'})
+    readout: str = field(default="demod", metadata={"help": "How the decoder reads the field: 'field' (the seed's) or 'demod'.", "choices": READOUTS})
+    direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
+    decays: str = field(default="", metadata={"help": "Comma-separated decay time constants in tokens for groups of field channels, dealt pair by pair (0 = no decay; empty = one undecayed field, the seed's)."})
+    head: str = field(default="free", metadata={"help": "Next-token head: 'free' (one learned row per token) or 'factored' (rows summed from the token's pitch, duration and position parts).", "choices": HEADS})
+    dna_lookup: bool = field(default=False, metadata={"help": "Add learned rows for the DNA's discrete values (pitch, pitch class, octave, duration, beat position, velocity) to its projection."})
+    field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, not {self.readout!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {self.head!r}")
+        if self.dim % 2:
+            raise ValueError("dim must be even (the position code pairs sin and cos)")
+        if self.vocab_size < 5 or self.decoder_layers < 1 or self.decoder_hidden < 1:
+            raise ValueError("vocab_size >= 5, decoder_layers >= 1 and decoder_hidden >= 1 are required")
+        if not 0 <= self.dropout < 1 or not 0 <= self.field_dropout < 1:
+            raise ValueError("dropout and field_dropout must lie in [0, 1)")
+        if len(parse_decays(self.decays)) > self.dim // 2:
+            raise ValueError("decays: more groups than channel pairs")
+
+    @property
+    def dna_width(self) -> int:
+        return DNA_FLOATS + self.voice_embedding
+
+    @property
+    def state_floats(self) -> int:
+        """Floats of state per stream (the field; the position is one integer more)."""
+        return self.dim
+

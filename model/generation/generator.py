@@ -1,0 +1,176 @@
+"""Batched generation: many streams, each one field, advanced together one token at a time.
+
+Used by ``python -m model.generate`` and by the server's engine. Per stream the host keeps a
+:class:`model.tokenizer.stream.StreamDecoder` (bar position, for timing and for the beat angle of the
+next token's DNA); the device keeps the :class:`model.fm.state.FieldState` rows. A generated token's
+DNA is built with :meth:`model.tokenizer.dna.TokenDNA.of_tokens` from the token, the velocity and voice the model's
+heads chose, and the bar length in force, exactly as :meth:`Tokenizer.dna` builds it for training.
+
+One batched advance reads as: key pull (:mod:`.key_pull`) -> grammar mask (:mod:`.grammar`) ->
+sample (:mod:`model.sampling`) -> the note's velocity and voice -> feed the tokens back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.fm.machine import FieldMachine
+from model.fm.state import FieldState, FMOutput, stack_outputs, stack_states
+from model.generation.grammar import GrammarMask
+from model.generation.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
+from model.sampling.batch import SamplingBatch
+from model.sampling.config import SamplingConfig
+from model.sampling.sample import sample
+from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.stream import DecodedNote, StreamDecoder
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import BOS, EOS, PAD, UNK
+
+NEVER_SAMPLED = (PAD, BOS, UNK)
+
+
+@dataclass
+class StreamStep:
+    """What one stream produced in one step."""
+
+    token: int
+    velocity: int  # level index
+    voice: int
+    note: DecodedNote | None
+
+
+def with_bos(prompt: TokenSequence | None) -> TokenSequence:
+    """A prompt as the model reads it: BOS first (added if missing), no trailing EOS."""
+    if prompt is None or len(prompt) == 0:
+        return TokenSequence(np.array([BOS]), np.zeros(1, np.int64), np.zeros(1, np.int64))
+    ids, vel, voice = prompt.ids, prompt.velocity, prompt.voice
+    if ids[-1] == EOS:
+        ids, vel, voice = ids[:-1], vel[:-1], voice[:-1]
+    if ids[0] != BOS:
+        zero = np.zeros(1, np.int64)
+        ids, vel, voice = (np.concatenate([[BOS], ids]), np.concatenate([zero, vel]),
+                           np.concatenate([zero, voice]))
+    return TokenSequence(ids.astype(np.int64), vel.astype(np.int64), voice.astype(np.int64))
+
+
+def decoder_for(tokenizer: Tokenizer, sequence: TokenSequence) -> StreamDecoder:
+    """A stream decoder that has read ``sequence`` (its cursor sits after the last token)."""
+    decoder = StreamDecoder(tokenizer)
+    for t, v, s in zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist()):
+        decoder.push(t, v, s)
+    return decoder
+
+
+class BatchGenerator:
+    """Primes and advances a batch of streams. Not thread-safe: one owner calls it."""
+
+    def __init__(self, model: FieldMachine, tokenizer: Tokenizer, *, allow_eos: bool = False) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.banned = torch.tensor(NEVER_SAMPLED + (() if allow_eos else (EOS,)), device=self.device)
+        self._pitch_classes = note_pitch_classes(tokenizer)
+        self.pitch_class_rows = pitch_class_matrix(self._pitch_classes).to(self.device)
+        self.grammar = GrammarMask(tokenizer, self.device)
+
+    def heard(self, ids: np.ndarray) -> np.ndarray:
+        """``(12,)`` pitch-class counts of the notes in ``ids`` (a prompt, notes played in): what
+        :meth:`advance`'s ``heard`` adds up. See :mod:`model.generation.key_pull`."""
+        return heard_counts(ids, self._pitch_classes)
+
+    def tensors(self, floats: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """DNA floats and voice slots (numpy) as tensors on the model's device."""
+        return (torch.from_numpy(np.ascontiguousarray(floats)).to(self.device),
+                torch.from_numpy(np.ascontiguousarray(slots)).to(self.device))
+
+    @torch.no_grad()
+    def read(self, state: FieldState | None, floats: np.ndarray, slots: np.ndarray
+             ) -> tuple[FieldState, FMOutput]:
+        """Read tokens' DNA ``(B, T, 7)`` and slots ``(B, T)`` in one parallel pass, from ``state``
+        (``None``: empty streams). Returns the new state and the output after the last token."""
+        dna, slot = self.tensors(floats, slots)
+        out, new_state = self.model(dna, slot, start=state, return_state=True)
+        return new_state, out.last()
+
+    @torch.no_grad()
+    def prime(self, prompt: TokenSequence | None) -> tuple[FieldState, FMOutput, StreamDecoder]:
+        """Read a prompt (BOS is added if missing; EOS dropped) in one parallel pass.
+
+        Returns the stream's state, the output predicting its next token, and its decoder.
+        """
+        sequence = with_bos(prompt)
+        floats, slots = self.tokenizer.dna(sequence)
+        state, last = self.read(None, floats[None], slots[None])
+        return state, last, decoder_for(self.tokenizer, sequence)
+
+    def prime_many(self, prompts: list[TokenSequence | None]) -> tuple[FieldState, FMOutput, list[StreamDecoder]]:
+        """:meth:`prime` for several streams, stacked into one batch."""
+        primed = [self.prime(p) for p in prompts]
+        return (stack_states([p[0] for p in primed]), stack_outputs([p[1] for p in primed]),
+                [p[2] for p in primed])
+
+    # ------------------------------------------------------------------ one batched step
+    @torch.no_grad()
+    def advance(self, state: FieldState, out: FMOutput, decoders: list[StreamDecoder],
+                sampling: list[SamplingConfig], steps: list[int],
+                heard: torch.Tensor | None = None) -> tuple[list[StreamStep], FieldState, FMOutput]:
+        """Sample every stream's next token from ``out`` and feed it back: one batched step.
+
+        ``steps`` are the per-stream counters that, with each stream's seed, fix its randomness.
+        ``heard``: ``(B, 12)`` pitch-class counts of what each stream heard (:meth:`heard`), which
+        its ``key_pull`` leans toward; ``None``: nothing heard, no pull.
+        """
+        batch = SamplingBatch.from_configs(sampling, steps, device=self.device)
+        logits = self.allowed_logits(out, decoders, batch, heard)
+        tokens = sample(logits, batch)
+        results = self.push(tokens, out, decoders)
+        new_out, new_state = self.feed(state, results, decoders)
+        return results, new_state, new_out
+
+    def allowed_logits(self, out: FMOutput, decoders: list[StreamDecoder], batch: SamplingBatch,
+                       heard: torch.Tensor | None) -> torch.Tensor:
+        """``(B, V)`` float32 logits after the key pull, ``-inf`` where the grammar forbids."""
+        logits = out.logits.float()
+        if heard is not None:  # only streams that pull and heard something: for the rest it is a no-op
+            heard = heard.to(self.device)
+            rows = ((batch.key_pull > 0) & (heard.sum(dim=1) > 0)).nonzero().squeeze(1)
+            if rows.numel() == len(batch):
+                logits = pull_toward_heard(logits, heard, batch.key_pull, self.pitch_class_rows)
+            elif rows.numel():
+                logits[rows] = pull_toward_heard(logits[rows], heard[rows], batch.key_pull[rows],
+                                                 self.pitch_class_rows)
+        logits[:, self.banned] = float("-inf")
+        return logits.masked_fill_(self.grammar(decoders), float("-inf"))
+
+    def push(self, tokens: torch.Tensor, out: FMOutput, decoders: list[StreamDecoder]) -> list[StreamStep]:
+        """Give each sampled token its velocity and voice and push it into its stream's decoder."""
+        velocity = out.velocity.argmax(-1)
+        voice = out.voice.argmax(-1)
+        tokens_np, velocity_np, voice_np = (t.cpu().numpy() for t in (tokens, velocity, voice))
+        results = []
+        for i, decoder in enumerate(decoders):
+            token, level, v = int(tokens_np[i]), int(velocity_np[i]), int(voice_np[i])
+            results.append(StreamStep(token, level, v, decoder.push(token, level, v)))
+        return results
+
+    def step_inputs(self, results: list[StreamStep], decoders: list[StreamDecoder]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each stream's new token as the model reads it: ids (B,), DNA floats (B, 7) and voice
+        slots (B,), the DNA with the bar length the stream's decoder now knows."""
+        ids = np.array([r.token for r in results], dtype=np.int64)
+        velocity = np.array([r.velocity for r in results], dtype=np.int64)
+        voice = np.array([r.voice for r in results], dtype=np.int64)
+        bar_lengths = np.array([d.bar_length for d in decoders], dtype=np.float64)
+        floats, slots = self.tokenizer.token_dna.of_tokens(ids, velocity, voice, bar_lengths)
+        return ids, floats, slots
+
+    def feed(self, state: FieldState, results: list[StreamStep], decoders: list[StreamDecoder]
+             ) -> tuple[FMOutput, FieldState]:
+        """Read each stream's new token in one O(1) step; returns the outputs for the next token
+        and the new state."""
+        _, floats, slots = self.step_inputs(results, decoders)
+        dna, slot = self.tensors(floats, slots)
+        return self.model.step(state, dna, slot)

@@ -1,0 +1,60 @@
+"""The token grammar, kept while sampling.
+
+Sampling keeps to the token grammar every training sequence obeys: a BAR comes before any NOTE or
+REST; inside a bar, NOTE and REST positions never go back and never reach the bar's end (a new
+bar needs a BAR token); at most ``max_voices`` notes (16; the Bach corpus's largest chord has 13)
+start together. Tokens that would
+break it are masked per stream before sampling, from the stream's decoder (its position in the
+bar, the bar's length, the notes already at that position). Without the mask a stream can fall
+into stacking notes on one position or past the bar's end, where time stops: the shipped model
+did so for some seeds (up to 113 notes per beat), and a live stream would ask for tokens forever.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.tokenizer.stream import StreamDecoder
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import NOTE, REST
+
+MAX_ORDER_ROWS = 4096  # cached grammar-mask rows (16 KB each for a 16k vocabulary)
+
+
+class GrammarMask:
+    """Per stream, the tokens that would break the grammar where the stream stands."""
+
+    def __init__(self, tokenizer: Tokenizer, device: torch.device) -> None:
+        self.max_voices = tokenizer.config.max_voices
+        ids = np.arange(tokenizer.vocab_size)
+        kinds = tokenizer.kinds(ids)
+        timed = np.isin(kinds, (NOTE, REST))
+        positions = np.array([tokenizer.vocab[t].c for t in ids.tolist()], dtype=np.int64)
+        self.token_position = torch.from_numpy(np.where(timed, positions, -1)).to(device)
+        self.is_note = torch.from_numpy(kinds == NOTE).to(device)
+        self._rows: dict[tuple[int, int, bool], torch.Tensor] = {}
+
+    def __call__(self, decoders: list[StreamDecoder]) -> torch.Tensor:
+        """``(B, V)`` True where a NOTE or REST would go back in its bar or past the bar's end, or a
+        NOTE would join a chord of ``max_voices`` notes. Streams share few distinct situations, so
+        each situation's ``(V,)`` row is built once and kept."""
+        rows = []
+        for d in decoders:
+            # before the first BAR no NOTE or REST (every sequence opens with a bar): "now" is the bar's end
+            key = (d.cursor - d.bar_start if d.bar >= 0 else d.bar_length, d.bar_length,
+                   d.notes_at_cursor >= self.max_voices)
+            row = self._rows.get(key)
+            if row is None:
+                if len(self._rows) >= MAX_ORDER_ROWS:
+                    self._rows.clear()
+                row = self._rows[key] = self._row(*key)
+            rows.append(row)
+        return torch.stack(rows)
+
+    def _row(self, now: int, bar_length: int, chord_full: bool) -> torch.Tensor:
+        position = self.token_position
+        late = (position < now) | (position >= bar_length)
+        if chord_full:
+            late |= self.is_note & (position == now)
+        return (position >= 0) & late

@@ -1,0 +1,133 @@
+"""The stream decoder: tokens to timed notes one at a time, and played notes to tokens.
+
+A live stream (a server session, a generated file) keeps one :class:`StreamDecoder`: it knows the
+current bar (its start, length and signature), the onset of the latest token and the size of the
+chord there, so each generated token becomes a timed note, the next token's DNA gets its bar
+length, and the grammar mask (:mod:`model.generation.grammar`) knows what may come next.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, NamedTuple
+
+import numpy as np
+
+from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.vocabulary import BAR, NOTE, REST, UNK, TokenizerError, TokenKey
+
+if TYPE_CHECKING:
+    from model.tokenizer.tokenizer import Tokenizer
+
+
+class DecodedNote(NamedTuple):
+    onset: int  # internal steps (``TokenizerConfig.resolution`` per quarter note)
+    duration: int
+    pitch: int
+    velocity: int
+    voice: int
+    bar: int
+    position: int  # grid steps from the bar start
+
+
+class StreamDecoder:
+    """Turns tokens into timed notes one at a time (used by :meth:`Tokenizer.decode` and streams).
+
+    Tracks the current bar, so the server can place each generated note and build its DNA.
+    Tokens before the first BAR are placed in a 4/4 bar starting at 0.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.bar = -1
+        self.bar_start = 0  # grid steps
+        self.bar_length = 4 * tokenizer.config.grid_per_beat
+        self.signature = (4, 4)
+        self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
+        self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
+        self.notes_at_cursor = 0  # NOTE tokens so far at the cursor's onset (the chord's size)
+
+    @property
+    def bar_end(self) -> int:
+        """Grid step where the current bar ends."""
+        return self.bar_start + self.bar_length if self.bar >= 0 else self.bar_length
+
+    def push(self, token: int, velocity: int = 0, voice: int = 0) -> DecodedNote | None:
+        tok = self.tokenizer
+        if not 0 <= token < tok.vocab_size:
+            raise TokenizerError(f"token id {token} outside the vocabulary (size {tok.vocab_size})")
+        key = tok.vocab[token]
+        if key.kind == BAR:
+            if self.bar >= 0:
+                self.bar_start += self.bar_length
+            self.bar += 1
+            self.bar_length = tok.bar_length(token)
+            if not self.signatures or self.signatures[-1][1:] != (key.a, key.b):
+                self.signatures.append((tok.timebase.steps_from_grid(self.bar_start), key.a, key.b))
+            self.signature = (key.a, key.b)
+            self.cursor = self.bar_start
+            self.notes_at_cursor = 0
+            return None
+        if key.kind == REST:
+            if self.bar_start + key.c != self.cursor:
+                self.notes_at_cursor = 0
+            self.cursor = self.bar_start + key.c
+        if key.kind != NOTE:
+            return None
+        onset = self.bar_start + key.c
+        self.notes_at_cursor = self.notes_at_cursor + 1 if onset == self.cursor else 1
+        self.cursor = onset
+        levels = tok.config.velocity_levels
+        return DecodedNote(
+            onset=tok.timebase.steps_from_grid(self.bar_start + key.c),
+            duration=tok.duration_steps(key.b),
+            pitch=key.a,
+            velocity=levels[min(max(velocity, 0), len(levels) - 1)],
+            voice=voice,
+            bar=max(self.bar, 0),
+            position=key.c,
+        )
+
+    def encode_notes(self, notes: Iterable[tuple[int, int, float, int, int]]) -> TokenSequence:
+        """Append notes to the stream: ``(onset in grid steps, pitch, duration in beats, MIDI
+        velocity, voice)`` on this stream's timeline, in any order.
+
+        Onsets before :attr:`cursor` are moved up to it (a stream only moves forward); an onset the
+        vocabulary has no token for (for that pitch) moves to the next 16th, 8th or beat, or a beat
+        later, inside its bar; BAR tokens
+        of the current signature are emitted where the notes cross bar lines. The tokens are pushed
+        into this decoder and returned (ids, velocity levels, voices) for the model to read;
+        notes with no vocabulary entry are left out and counted in ``unknown``.
+        """
+        tok = self.tokenizer
+        ids: list[int] = []
+        velocities: list[int] = []
+        voices: list[int] = []
+        unknown = 0
+        grid = tok.config.grid_per_beat
+        snaps = sorted({1, max(1, grid // 4), max(1, grid // 2), grid})
+        bar_token = tok.lookup(TokenKey(BAR, *self.signature, 0))
+        for onset, pitch, beats, velocity, voice in sorted(notes, key=lambda n: (n[0], n[4], -n[1])):
+            onset = max(int(onset), self.cursor)
+            while self.bar < 0 or onset >= self.bar_end:
+                if bar_token == UNK:
+                    raise TokenizerError(f"the vocabulary has no BAR_{self.signature[0]}/{self.signature[1]}")
+                self.push(bar_token)
+                ids.append(bar_token), velocities.append(0), voices.append(0)
+            voice = min(max(int(voice), 0), tok.config.max_voices - 1)
+            level = tok.velocity_level(velocity)
+            token = UNK
+            # the exact onset, then the next 16th, 8th and beat, then a beat later (within the bar)
+            candidates = sorted({onset, onset + grid} | {(onset // step + 1) * step for step in snaps[1:]})
+            for at in candidates:
+                if at >= self.bar_end:
+                    break
+                token = tok.lookup(TokenKey(NOTE, int(pitch), tok.snap_duration(beats), at - self.bar_start))
+                if token != UNK:
+                    break
+            if token == UNK:  # a pitch (or a position) the vocabulary never saw: counted, not read
+                unknown += 1
+                continue
+            self.push(token, level, voice)
+            ids.append(token), velocities.append(level), voices.append(voice)
+        as_array = lambda values: np.asarray(values, dtype=np.int64)
+        return TokenSequence(as_array(ids), as_array(velocities), as_array(voices), unknown=unknown)

@@ -1,0 +1,310 @@
+"""The trainer: a Field Machine trained on a folder of MIDI files (``python -m model.train``).
+
+Files are split deterministically into training and validation sets (``val_fraction``); the
+tokenizer's vocabulary and the unigram/bigram baselines are fitted on the training files only.
+Checkpoints go to the run folder (:mod:`model.training.run_folder`): ``latest`` (resume target),
+``best`` (lowest validation loss), one per epoch, and timed ones every ``save_minutes``.
+Training resumes from ``latest`` unless ``fresh``; Ctrl-C saves ``latest`` and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import format as ckpt
+from model.checkpoint.atomic import write_json
+from model.evaluation.baselines import Baselines
+from model.fm.config import ModelConfig
+from model.fm.loss import sequence_loss
+from model.fm.machine import FieldMachine
+from model.fm.state import FMOutput
+from model.runtime.device import resolve_device, resolve_precision
+from model.tokenizer.tokenizer import Tokenizer
+from model.tokenizer.vocabulary import TokenShape
+from model.training.batches import Example, collate, make_example, windows
+from model.training.corpus import load_corpus
+from model.training.run_folder import RUN_STATS_FILE, TRAINER_FILES, append_log_row, checkpoint_dirs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting (the model's live in :class:`model.fm.ModelConfig`)."""
+
+    midi_dir: str = field(metadata={"help": "folder of MIDI files (searched recursively)"})
+    out_dir: str = field(default="runs/fm", metadata={"help": "folder for checkpoints and logs"})
+    epochs: int = field(default=100, metadata={"help": "passes over the training files"})
+    batch_size: int = field(default=8, metadata={"help": "sequences (windows) per step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps (at most a tenth of the run), then cosine decay"})
+    min_seq_len: int = field(default=8, metadata={"help": "files with fewer tokens are left out"})
+    max_seq_len: int = field(default=2048, metadata={
+        "help": "longest training window in tokens; longer files are cut into windows"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of files held out for validation"})
+    save_steps: int = field(default=500, metadata={"help": "save latest every N steps"})
+    save_minutes: float = field(default=30.0, metadata={"help": "timed checkpoint every N minutes (0 = off)"})
+    print_steps: int = field(default=10, metadata={"help": "log a row to training_log.csv every N steps"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA and on CPUs with AVX-512, else fp32), bf16 or fp32",
+        "choices": ("auto", "bf16", "fp32")})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    retokenize: bool = field(default=False, metadata={"help": "ignore the token cache and re-read every file"})
+    fresh: bool = field(default=False, metadata={"help": "ignore an existing checkpoint and start clean"})
+    cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.data's)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
+    transpose: int = field(default=0, metadata={
+        "help": "augmentation: every epoch plays each training file transposed by a random shift "
+                "in -N..+N semitones (0 = off); the vocabulary is fitted on every shift, validation "
+                "files stay as written"})
+
+
+# Model settings that come from the tokenizer (its TokenShape), never from flags.
+MODEL_FLAGS_FROM_DATA = tuple(f.name for f in fields(TokenShape))
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up (over at most a tenth of the run), then cosine decay to a tenth of ``lr``.
+
+    ``time_fraction`` (elapsed / ``max_minutes``) moves the decay on when the clock, not the
+    epochs, will end the run, so a time-limited run still ends at the low learning rate.
+    """
+    warmup = max(1, min(cfg.warmup_steps, total // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for ``dtype`` (off for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def batch_losses(out: FMOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`model.fm.loss.sequence_loss` of a :func:`collate` batch."""
+    return sequence_loss(out, batch["targets"], batch["velocity"], batch["voice"], batch["mask"],
+                         batch["is_note"])
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   grad_clip: float) -> torch.Tensor:
+    """Backpropagate ``loss``, clip the gradient norm (``grad_clip`` 0: off), step; the norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                 if grad_clip > 0 else torch.zeros(()))
+    optimizer.step()
+    return grad_norm
+
+
+def train_step(model: FieldMachine, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               *, lr: float, grad_clip: float, device: torch.device, dtype: torch.dtype
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step on a batch at learning rate ``lr``: the losses and the gradient norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, dtype):
+        out = model(batch["dna"], batch["slots"])
+    losses = batch_losses(out, batch)
+    return losses, optimizer_step(model, optimizer, losses["total"], grad_clip)
+
+
+@torch.no_grad()
+def validation_loss(model: FieldMachine, examples: list[Example], cfg: TrainConfig,
+                    device: torch.device, dtype: torch.dtype) -> float | None:
+    """Mean next-token NLL (nats/token) over every validation token, in windows of
+    ``cfg.max_seq_len``."""
+    if not examples:
+        return None
+
+    def scored():  # one batch's outputs at a time
+        for spans in validation_spans(examples, cfg):
+            batch = collate(examples, spans, device)
+            with autocast(device, dtype):
+                yield model(batch["dna"], batch["slots"]), batch
+
+    model.eval()
+    loss = mean_token_loss(scored())
+    model.train()
+    return loss
+
+
+def validation_spans(examples: list[Example], cfg: TrainConfig) -> list[list[tuple[int, int, int]]]:
+    """The validation windows (no random offset), ``cfg.batch_size`` to a batch."""
+    spans = windows(examples, cfg.max_seq_len, None)
+    return [spans[k:k + cfg.batch_size] for k in range(0, len(spans), cfg.batch_size)]
+
+
+def mean_token_loss(scored: Iterable[tuple[FMOutput, dict[str, torch.Tensor]]]) -> float:
+    """Mean next-token NLL (nats/token) over every real target of ``(outputs, batch)`` pairs."""
+    total, count = 0.0, 0
+    for out, batch in scored:
+        n = int(batch["mask"].sum())
+        total += batch_losses(out, batch)["token"].item() * n
+        count += n
+    return total / count
+
+
+class Trainer:
+    """Owns the run: data, model, optimizer, schedule, checkpoints and the progress display."""
+
+    def __init__(self, cfg: TrainConfig, model_flags: dict) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.dirs = checkpoint_dirs(self.out)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+
+        corpus = load_corpus(cfg.midi_dir, cache_dir=cfg.cache_dir or None,
+                             use_cache=not cfg.retokenize)
+        for path, reason in corpus.skipped:
+            logger.warning("skipped %s: %s", path, reason)
+        train_files, val_files = corpus.split(cfg.val_fraction)
+        resume = None if cfg.fresh else self._resume_point()
+        if resume is not None:
+            self.tokenizer = resume.tokenizer
+            self.model_config = ModelConfig(**resume.model_config)
+        else:
+            self.tokenizer = Tokenizer().fit(
+                events for f in train_files for events in f.events.transpositions(cfg.transpose))
+            self.model_config = ModelConfig(**asdict(self.tokenizer.shape), **model_flags)
+        encode = self.tokenizer.encode_events
+        train_seqs = [encode(f.events) for f in train_files]
+        # Per training file, the example as written first, then its transpositions (--transpose).
+        self.variants = [[make_example(s, self.tokenizer)]
+                         + [make_example(encode(t), self.tokenizer) for t in f.events.transpositions(cfg.transpose)[1:]]
+                         for f, s in zip(train_files, train_seqs) if len(s) >= cfg.min_seq_len]
+        self.train = [v[0] for v in self.variants]
+        self.val = [make_example(encode(f.events), self.tokenizer) for f in val_files]
+        self.val_files = [f.path for f in val_files]
+        self.baselines = Baselines.fit([s.ids for s in train_seqs], self.tokenizer.vocab_size)
+        logger.info("files: %d train (%d with transpositions), %d validation, %d skipped; vocabulary %d",
+                    len(self.train), sum(map(len, self.variants)), len(self.val), len(corpus.skipped),
+                    self.tokenizer.vocab_size)
+
+        self.model = FieldMachine(self.model_config).to(self.device)
+        self.model.set_vocabulary(self.tokenizer.vocab)  # a resumed state_dict holds the same
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.step, self.epoch, self.best = 0, 0, math.inf
+        if resume is not None:
+            ckpt.check_state_dict(self.model, resume.state_dict, resume.path)
+            self.model.load_state_dict(resume.state_dict)
+            state = ckpt.load_optimizer_state(resume.path)
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+            self.step, self.epoch = resume.step, resume.epoch
+            best = ckpt.load_checkpoint(self.dirs.best) if self.dirs.best.exists() else None
+            self.best = best.val_loss if best and best.val_loss is not None else math.inf
+            logger.info("resumed from %s at step %d, epoch %d", resume.path, self.step, self.epoch)
+        self.steps_per_epoch = math.ceil(len(windows(self.train, cfg.max_seq_len, None)) / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    def _resume_point(self) -> ckpt.Checkpoint | None:
+        if not self.dirs.latest.exists():
+            return None
+        return ckpt.load_checkpoint(self.dirs.latest)
+
+    def save(self, directory: Path, val_loss: float | None) -> Path:
+        return ckpt.save_checkpoint(
+            directory, model=self.model, model_config=self.model_config, tokenizer=self.tokenizer,
+            step=self.step, epoch=self.epoch, val_loss=val_loss, train_config=self.cfg,
+            optimizer=self.optimizer, extras=self.baselines.to_tensors(), keep=TRAINER_FILES)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        last_timed = started
+        tokens_seen = 0
+        val = None
+        interrupted = False
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   desc="training", disable=None)
+        self.model.train()
+        try:
+            while self.epoch < cfg.epochs:
+                examples = self.epoch_examples()
+                spans = windows(examples, cfg.max_seq_len, self.rng)
+                order = self.rng.permutation(len(spans))
+                for k in range(0, len(order), cfg.batch_size):
+                    batch = collate(examples, [spans[j] for j in order[k:k + cfg.batch_size]], self.device)
+                    time_fraction = ((time.perf_counter() - started) / (60 * cfg.max_minutes)
+                                     if cfg.max_minutes else 0.0)
+                    losses, grad_norm = train_step(
+                        self.model, self.optimizer, batch, lr=lr_at(self.step, self.total_steps, cfg, time_fraction),
+                        grad_clip=cfg.grad_clip, device=self.device, dtype=self.dtype)
+                    self.step += 1
+                    n = int(batch["mask"].sum())
+                    tokens_seen += n
+                    elapsed = time.perf_counter() - started
+                    rate = tokens_seen / max(elapsed, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{losses['token'].item():.3f}",
+                                    val="-" if val is None else f"{val:.3f}", tok_s=f"{rate:,.0f}")
+                    if self.step % cfg.print_steps == 0:
+                        append_log_row(self.out, {
+                            "step": self.step, "epoch": self.epoch + 1, "loss": round(losses["token"].item(), 5),
+                            "velocity_loss": round(losses["velocity"].item(), 5),
+                            "voice_loss": round(losses["voice"].item(), 5),
+                            "val_loss": "" if val is None else round(val, 5),
+                            "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
+                            "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(rate),
+                            "elapsed_s": round(elapsed, 1)})
+                    if self.step % cfg.save_steps == 0:
+                        self.save(self.dirs.latest, val)
+                    if cfg.save_minutes > 0 and time.perf_counter() - last_timed > 60 * cfg.save_minutes:
+                        self.save(self.dirs.timed(), val)
+                        last_timed = time.perf_counter()
+                    if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
+                        raise TimeoutError
+                self.epoch += 1
+                val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
+                self._end_of_epoch(val)
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning("interrupted: saving %s", self.dirs.latest)
+        except TimeoutError:
+            logger.warning("--max_minutes reached: stopping")
+            val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
+            self._end_of_epoch(val, per_epoch=False)
+        finally:
+            bar.close()
+        self.save(self.dirs.latest, val)
+        stats = {"steps": self.step, "epochs": self.epoch, "val_loss": val,
+                 "best_val_loss": None if math.isinf(self.best) else self.best,
+                 "seconds": round(time.perf_counter() - started, 1), "tokens": tokens_seen,
+                 "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
+                 "parameters": self.model.parameter_count(), "device": str(self.device),
+                 "precision": str(self.dtype).removeprefix("torch."),
+                 "train_files": len(self.train), "val_files": self.val_files,
+                 "vocab_size": self.tokenizer.vocab_size, "interrupted": interrupted,
+                 "model": asdict(self.model_config)}
+        write_json(self.out / RUN_STATS_FILE, stats)
+        return stats
+
+    def epoch_examples(self) -> list[Example]:
+        """One example per training file for this epoch: a random one of its transpositions."""
+        return [v[int(self.rng.integers(len(v)))] if len(v) > 1 else v[0] for v in self.variants]
+
+    def _end_of_epoch(self, val: float | None, per_epoch: bool = True) -> None:
+        if per_epoch:
+            self.save(self.dirs.epoch(self.epoch), val)
+        if val is not None and val < self.best:
+            self.best = val
+            self.save(self.dirs.best, val)
+        logger.info("epoch %d: validation loss %s", self.epoch, "-" if val is None else f"{val:.4f}")
