@@ -56,7 +56,7 @@ test: $(STAMP) test-deps  ## set everything up (first run) and run the whole tes
 	$(PY) -m pytest
 
 corpus: $(STAMP)  ## tokenize ../shared/data/bach_midi and print the corpus summary
-	$(PY) -m model.data --midi_dir ../shared/data/bach_midi
+	$(PY) -m model.corpus --midi_dir ../shared/data/bach_midi
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .cache

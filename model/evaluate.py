@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/fm/best)")
     parser.add_argument("--midi_dir", required=True, help="folder of MIDI files to score")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
-    parser.add_argument("--cache_dir", default=None, help="token cache folder (default: model.data's)")
+    parser.add_argument("--cache_dir", default=None, help="token cache folder (default: model.training.corpus's)")
     parser.add_argument("--split", default="all", choices=("all", "val", "train"),
                         help="score every file, or only the checkpoint's validation or training "
                              "files (the trainer's deterministic split of the same folder)")

@@ -366,9 +366,13 @@ class Engine:
         """One engine step: execute the model for the scheduled streams, then update them."""
         began = time.perf_counter()
         results = self._execute(batch)
-        if results is not None:
-            self._update(batch, results)
-            self.metrics.step(len(batch), time.perf_counter() - began)
+        if results is None:
+            return
+        deliveries, finished = self._update(batch, results)
+        self.metrics.step(len(batch), time.perf_counter() - began)
+        self._post(self._deliver, deliveries, finished)
+        for stream in finished:
+            self._release(stream)
 
     @torch.no_grad()
     def _execute(self, batch: list[Stream]) -> list[StreamStep] | None:
@@ -388,9 +392,10 @@ class Engine:
             return None
         return results
 
-    def _update(self, batch: list[Stream], results: list[StreamStep]) -> None:
-        """Move each stream's time on, turn its new note into a :class:`StreamNote` (a live stream
-        only moves forward), hand the notes over and release finished jobs."""
+    def _update(self, batch: list[Stream], results: list[StreamStep]
+                ) -> tuple[list[tuple[Stream, StreamNote]], list[Stream]]:
+        """Move each stream's time on and turn its new note into a :class:`StreamNote` (a live
+        stream only moves forward); returns the notes to hand over and the jobs now finished."""
         deliveries = []
         moved = 0
         for stream, result in zip(batch, results):
@@ -410,10 +415,7 @@ class Engine:
                 stream.remaining -= 1
         if moved:
             self.metrics.notes_moved.inc(moved)
-        finished = [s for s in batch if not s.realtime and s.remaining <= 0]
-        self._post(self._deliver, deliveries, finished)
-        for stream in finished:
-            self._release(stream)
+        return deliveries, [s for s in batch if not s.realtime and s.remaining <= 0]
 
     def _beat_of_cursor(self, stream: Stream) -> float:
         """Beats from the stream's beat 0 to the onset of its latest token."""

@@ -202,7 +202,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.study", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m model.research.study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--midi_dir", required=True, help="folder of MIDI files (searched recursively)")
     parser.add_argument("--out_dir", default="runs/study", help="where study.json and study.md go")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="autocast dtype (auto: bf16 where fast)")
-    parser.add_argument("--cache_dir", default=None, help="token cache folder (default: model.data's)")
+    parser.add_argument("--cache_dir", default=None, help="token cache folder (default: model.training.corpus's)")
     parser.add_argument("--append", action="store_true",
                         help="add these variants' rows to an existing <out_dir>/study.json")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("midi_dir", help="folder of MIDI files (searched recursively)")
     st.add_argument("--tokenizer", default=None,
                     help="tokenizer.json to use (default: a vocabulary fitted on the folder)")
-    st.add_argument("--cache_dir", default=None, help="token cache (default: see model.data)")
+    st.add_argument("--cache_dir", default=None, help="token cache (default: see model.training.corpus)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training setting (the model's live in :class:`model.fm.ModelConfig`)."""
+    """Every training setting (the model's live in :class:`model.fm.config.ModelConfig`)."""
 
     midi_dir: str = field(metadata={"help": "folder of MIDI files (searched recursively)"})
     out_dir: str = field(default="runs/fm", metadata={"help": "folder for checkpoints and logs"})
@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     retokenize: bool = field(default=False, metadata={"help": "ignore the token cache and re-read every file"})
     fresh: bool = field(default=False, metadata={"help": "ignore an existing checkpoint and start clean"})
-    cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.data's)"})
+    cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.training.corpus's)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
     transpose: int = field(default=0, metadata={
         "help": "augmentation: every epoch plays each training file transposed by a random shift "
