@@ -55,6 +55,11 @@ def microseconds_per_beat(bpm: float) -> int:
     return round(60_000_000 / bpm)
 
 
+def bpm_from_microseconds(microseconds_per_beat: int) -> float:
+    """The tempo of a MIDI ``set_tempo``."""
+    return 60_000_000 / microseconds_per_beat
+
+
 @dataclass(frozen=True)
 class TimeBase:
     """The tokenizer's two grids (see the table above) and their conversions."""

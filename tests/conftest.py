@@ -71,3 +71,18 @@ def live_server(served_checkpoint):
 
     with running_server(ServerConfig(checkpoint=str(served_checkpoint), max_sessions=64)) as server:
         yield server
+
+
+BAR_POSITIONS = tuple(range(0, 48, 6))
+
+
+@pytest.fixture(scope="session")
+def bar_tokenizer():
+    """Specials, 4/4 and 3/4 bars, rests, and eighth notes of pitches 55..79 at every eighth."""
+    from model.tokenizer.tokenizer import Tokenizer
+    from model.tokenizer.vocabulary import BAR, NOTE, REST, SPECIAL_KINDS, TokenKey, special_key
+
+    notes = [TokenKey(NOTE, p, 5, c) for p in range(55, 80) for c in BAR_POSITIONS]
+    rests = [TokenKey(REST, -1, 5, c) for c in BAR_POSITIONS]
+    bars = [TokenKey(BAR, 4, 4, 0), TokenKey(BAR, 3, 4, 0)]
+    return Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + bars + rests + notes)

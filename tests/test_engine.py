@@ -92,7 +92,7 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
             position = int(engine.position[stream.slot])
             # common pitches on whole beats; the tiny model's vocabulary may still lack one of them
             beat = math.ceil(stream.frontier) + 1
-            played = [PlayedInput(beat + i, 0.5, pitch, 90, 0) for i, pitch in enumerate((60, 62, 64, 67))]
+            played = [StreamNote(beat + i, 0.5, pitch, 90, 0) for i, pitch in enumerate((60, 62, 64, 67))]
             tokens, unknown = await engine.feed(stream, played)
             assert tokens >= 1 and tokens + unknown >= 4
             # what the stream heard from its player (for key_pull): the played notes it could read,

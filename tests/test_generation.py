@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from model.fm.config import ModelConfig
 from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator
 from model.sampling.config import SamplingConfig
-from model.tokenizer.tokenizer import Tokenizer
-from model.tokenizer.vocabulary import BAR, NOTE, REST, SPECIAL_KINDS, TokenKey, special_key
 from tests.model_shapes import token_shape
 
-POSITIONS = tuple(range(0, 48, 6))
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    """Specials, 4/4 and 3/4 bars, rests, and eighth notes of pitches 55..79 at every eighth."""
-    notes = [TokenKey(NOTE, p, 5, c) for p in range(55, 80) for c in POSITIONS]
-    rests = [TokenKey(REST, -1, 5, c) for c in POSITIONS]
-    bars = [TokenKey(BAR, 4, 4, 0), TokenKey(BAR, 3, 4, 0)]
-    return Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + bars + rests + notes)
-
-
-def test_generated_streams_move_forward_through_their_bars(tokenizer):
+def test_generated_streams_move_forward_through_their_bars(bar_tokenizer):
     """An untrained model draws tokens almost at random; the grammar still holds in every stream."""
     torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32, dropout=0.0))
-    generator = BatchGenerator(model, tokenizer)
+    model = FieldMachine(ModelConfig(**token_shape(bar_tokenizer.vocab_size), dim=32, decoder_hidden=32, dropout=0.0))
+    generator = BatchGenerator(model, bar_tokenizer)
     state, out, decoders = generator.prime_many([None] * 4)
     configs = [SamplingConfig(temperature=2.0, top_k=0, top_p=1.0, seed=s) for s in range(4)]
     onsets = [[] for _ in range(4)]
@@ -42,5 +27,5 @@ def test_generated_streams_move_forward_through_their_bars(tokenizer):
     for stream in onsets:
         assert stream and [o for o, _, _ in stream] == sorted(o for o, _, _ in stream)
         chord_sizes = np.unique([o for o, _, _ in stream], return_counts=True)[1]
-        assert chord_sizes.max() <= tokenizer.config.max_voices
+        assert chord_sizes.max() <= bar_tokenizer.config.max_voices
     assert max(d.bar for d in decoders) >= 3  # bars end and new ones begin

@@ -37,10 +37,11 @@ from tqdm import tqdm
 from model.generation.generator import BatchGenerator, decoder_for, with_bos
 from model.generation.key_pull import heard_counts, note_pitch_classes
 from model.sampling.config import SamplingConfig
+from model.timebase import seconds_from_beats
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.tokenizer import Tokenizer
 
-SECONDS_PER_BEAT = 0.5  # 120 bpm: tokens carry no tempo
+BPM = 120.0  # tokens carry no tempo: notes per second are counted at 120 beats a minute
 
 
 def pitch_class_histogram(ids: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
@@ -108,7 +109,7 @@ def rhythm(prompt: TokenSequence, ids: np.ndarray, tokenizer: Tokenizer) -> tupl
             notes += 1
             on_grid += note.position % sixteenth == 0
             first, last = min(first, note.onset), max(last, note.onset + note.duration)
-    return notes, on_grid, (last - first) / tokenizer.config.resolution if notes else 0.0
+    return notes, on_grid, tokenizer.timebase.beats_from_steps(last - first) if notes else 0.0
 
 
 def generate_batch(generator: BatchGenerator, prompts: list[TokenSequence], tokens: int,
@@ -148,7 +149,7 @@ def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequenc
         counts = np.array([rhythm(p, ids, tok) for p, ids in zip(prompts, rows)])
         notes, on_grid, beats = counts.sum(axis=0)
         return {"on_grid": float(on_grid / max(notes, 1)),
-                "notes_per_second": float(notes / max(beats * SECONDS_PER_BEAT, 1e-9)),
+                "notes_per_second": float(notes / max(seconds_from_beats(beats, BPM), 1e-9)),
                 "longest_repeat": int(max(longest_repeat(ids) for ids in rows))}
 
     gen_rhythm, real_rhythm = rhythm_summary(generated), rhythm_summary(real)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.timebase import bpm_from_microseconds
+
 DEFAULT_TEMPO = 500_000  # microseconds per quarter note (120 bpm), the MIDI default
 DEFAULT_TIME_SIGNATURE = (4, 4)
 
@@ -38,7 +40,7 @@ class TempoChange:
 
     @property
     def bpm(self) -> float:
-        return 60_000_000 / self.microseconds_per_beat
+        return bpm_from_microseconds(self.microseconds_per_beat)
 
 
 @dataclass(frozen=True, slots=True)
