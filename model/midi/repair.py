@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 import mido
 from mido.midifiles.meta import KeySignatureError, UnknownMetaMessage, build_meta_message, meta_charset
 
+from model.midi.limits import Deadline, ReadLimits
+
 logger = logging.getLogger(__name__)
 
 HEADER_ID = b"MThd"
@@ -117,11 +119,24 @@ class _Event:
 
 @dataclass(slots=True)
 class _Log:
-    """Collects problems as counts per (track, kind) plus one-off notes, in order of arrival."""
+    """Collects problems as counts per (track, kind) plus one-off notes, in order of arrival, and
+    enforces the reading limits (time, tracks, events) as the reader goes."""
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # a count of 0 marks a note
     dropped_events: int = 0
     dropped_bytes: int = 0
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    deadline: Deadline | None = None
+    events: int = 0
+
+    def check_time(self) -> None:
+        if self.deadline is not None and self.deadline.passed():
+            raise MidiRepairError(f"reading took longer than {self.deadline.seconds:g} s (the limit, seconds)")
+
+    def add_event(self) -> None:
+        self.events += 1
+        if self.events > self.limits.max_events:
+            raise MidiRepairError(f"more than {self.limits.max_events:,} events (the limit, max_events)")
 
     def count(self, where: str, what: str, n: int = 1) -> None:
         """Add ``n`` to a counted problem; ``what`` has ``{s}`` where a plural ending goes."""
@@ -289,6 +304,7 @@ class _TrackReader:
 
     def read(self) -> _TrackResult:
         while True:
+            self.log.check_time()
             stop = self._stop_reason()
             if stop is not None:
                 self.log.note(self.where, stop + self._sounding_text())
@@ -334,6 +350,7 @@ class _TrackReader:
         return f"; {len(sounding)} note{'' if len(sounding) == 1 else 's'} left sounding"
 
     def _append(self, event: _Event) -> None:
+        self.log.add_event()
         if event.clipped:
             self.log.count(self.where, "data byte{s} over 127 clipped to 127", event.clipped)
         if self.pending_delta:
@@ -480,6 +497,7 @@ class _TrackReader:
         data, start = self.data, self.pos
         why = kind.replace("_", " ")
         for pos in range(start + 1, len(data)):
+            self.log.check_time()
             if data.startswith(TRACK_ID, pos) or _clean_run(data, pos, self.running) >= MIN_CLEAN_EVENTS:
                 self.log.count(self.where, f"unreadable byte{{s}} skipped ({why})", pos - start)
                 self.log.drop(1, pos - start)
@@ -521,9 +539,10 @@ def _read_header(data: bytes, log: _Log) -> tuple[int, int, int, int]:
     return fmt, ntracks, division, start + CHUNK_HEADER_SIZE + size
 
 
-def _headless_track_start(data: bytes, pos: int) -> int:
+def _headless_track_start(data: bytes, pos: int, log: _Log) -> int:
     """First position from ``pos`` that starts a track header or cleanly parsing events."""
     for start in range(pos, len(data)):
+        log.check_time()
         if data.startswith(TRACK_ID, start) or _clean_run(data, start, None) >= MIN_CLEAN_EVENTS:
             return start
     return len(data)
@@ -560,6 +579,8 @@ def _read_tracks(data: bytes, pos: int, log: _Log) -> list[mido.MidiTrack]:
     """Read every track chunk (or headerless run of events) from ``pos`` to the end of the data."""
     tracks: list[mido.MidiTrack] = []
     while pos < len(data):
+        if len(tracks) > log.limits.max_tracks:
+            raise MidiRepairError(f"more than {log.limits.max_tracks:,} tracks (the limit, max_tracks)")
         where = f"track {len(tracks)}"
         if data.startswith(TRACK_ID, pos):
             if pos + CHUNK_HEADER_SIZE > len(data):
@@ -580,7 +601,7 @@ def _read_tracks(data: bytes, pos: int, log: _Log) -> list[mido.MidiTrack]:
 
 def _read_headless(data: bytes, pos: int, tracks: list[mido.MidiTrack], log: _Log) -> int:
     """No track header where one should be: read events found there (or after garbage) as a track."""
-    start = _headless_track_start(data, pos)
+    start = _headless_track_start(data, pos, log)
     if start > pos:
         where = "after the last track" if start == len(data) else f"before track {len(tracks)}"
         log.note("file", f"{start - pos} bytes of garbage at byte {pos} ({where}) skipped")
@@ -595,7 +616,8 @@ def _read_headless(data: bytes, pos: int, tracks: list[mido.MidiTrack], log: _Lo
     return max(result.end, start + 1)
 
 
-def read_tolerant(data: bytes) -> tuple[mido.MidiFile, RepairReport]:
+def read_tolerant(data: bytes, limits: ReadLimits | None = None,
+                  deadline: Deadline | None = None) -> tuple[mido.MidiFile, RepairReport]:
     """Parse SMF bytes leniently into a :class:`mido.MidiFile`.
 
     The file's type and ticks_per_beat come from the header; its tracks hold mido messages with
@@ -605,10 +627,11 @@ def read_tolerant(data: bytes) -> tuple[mido.MidiFile, RepairReport]:
     by a truncated track are not closed here.
 
     Raises :class:`MidiRepairError` when nothing usable can be read: empty data, no ``MThd``
-    header, a truncated header, or no track holding any event.
+    header, a truncated header, or no track holding any event; or when the data passes one of
+    ``limits`` (tracks, events) or reading passes ``deadline``.
     """
     data = bytes(data)
-    log = _Log()
+    log = _Log(limits=limits or ReadLimits(), deadline=deadline)
     fmt, ntracks, division, pos = _read_header(data, log)
     with meta_charset("latin1"):
         tracks = _read_tracks(data, pos, log)

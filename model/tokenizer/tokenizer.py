@@ -21,6 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
+from model.midi.limits import Deadline, ReadLimits
 from model.midi.read import read_midi
 from model.midi.score import Note, Score, TempoChange, TimeSignature
 from model.midi.write import write_midi
@@ -134,14 +135,23 @@ class Tokenizer:
             raise TokenizerError(f"{path}: {exc}") from exc
 
     # ----------------------------------------------------------------- encoding
-    def events(self, score: Score) -> Events:
-        """Place a score on the grid: BAR, REST and NOTE events in stream order (no BOS/EOS)."""
+    def events(self, score: Score, limits: ReadLimits | None = None) -> Events:
+        """Place a score on the grid: BAR, REST and NOTE events in stream order (no BOS/EOS).
+
+        Raises :class:`TokenizerError` when the score would pass ``limits`` (default
+        :class:`ReadLimits`): too many notes, beats or tokens, or too long to place."""
         if not score.notes:
             raise TokenizerError(f"{score.source}: the score holds no notes")
+        limits = limits or ReadLimits()
+        deadline = Deadline(limits.seconds)
         cfg = self.config
         tpb = score.ticks_per_beat
         grid = cfg.grid_per_beat
         problems: Counter[str] = Counter()
+        if tpb <= 0:
+            raise TokenizerError(f"{score.source}: ticks_per_beat must be > 0, not {tpb}")
+        limits.check("note count", len(score.notes), "max_notes", score.source, TokenizerError)
+        limits.check("length in beats", score.end_tick / tpb, "max_beats", score.source, TokenizerError)
 
         onsets = [grid_from_ticks(n.onset_tick, tpb, grid) for n in score.notes]
         dur_index = [self.snap_duration(n.duration_beat) for n in score.notes]
@@ -149,7 +159,7 @@ class Tokenizer:
         res = self._res
         ends = [max(grid_from_ticks(n.onset_tick + n.duration_tick, tpb, res), on * self._step + 1)
                 for n, on in zip(score.notes, onsets)]
-        bars = self._bars(score, max(onsets), problems)
+        bars = self._bars(score, max(onsets), problems, limits, deadline)
         bar_starts = [b.start for b in bars]
 
         # rows: (time in internal steps, order, kind, a, b, c, velocity level, voice)
@@ -165,6 +175,7 @@ class Tokenizer:
             rows.append((on * self._step, 2, NOTE, note.pitch, d, on - bar.start,
                          self._velocity_level(note.velocity), voice))
         rows.extend(self._rests(sorted(zip(onsets, ends)), bars, bar_starts))
+        limits.check("token count", len(rows) + 2, "max_tokens", score.source, TokenizerError)
         rows.sort(key=lambda r: (r[0], r[1], r[7], -r[3]))
         table = np.array([r[2:] for r in rows], dtype=np.int32).reshape(-1, 6)
         return Events(*(np.ascontiguousarray(table[:, i]) for i in range(6)),
@@ -191,11 +202,11 @@ class Tokenizer:
         voice = np.concatenate([pad, events.voice, pad]).astype(np.int64)
         return TokenSequence(ids, velocity, voice, unknown=unknown, approximated=approximated)
 
-    def encode(self, score: Score) -> TokenSequence:
-        return self.encode_events(self.events(score))
+    def encode(self, score: Score, limits: ReadLimits | None = None) -> TokenSequence:
+        return self.encode_events(self.events(score, limits))
 
-    def from_midi(self, source: str | Path | bytes) -> TokenSequence:
-        return self.encode(read_midi(source))
+    def from_midi(self, source: str | Path | bytes, limits: ReadLimits | None = None) -> TokenSequence:
+        return self.encode(read_midi(source, limits=limits), limits)
 
     def _nearest(self, key: TokenKey) -> int | None:
         """The same note or rest at the same position with the nearest duration in the vocabulary."""
@@ -232,7 +243,8 @@ class Tokenizer:
     def _velocity_level(self, velocity: int) -> int:
         return int(np.argmin(np.abs(self._velocity_levels - velocity)))
 
-    def _bars(self, score: Score, last_onset: int, problems: Counter[str]) -> list[_Bar]:
+    def _bars(self, score: Score, last_onset: int, problems: Counter[str], limits: ReadLimits,
+              deadline: Deadline) -> list[_Bar]:
         """Bar lines in grid steps from the time-signature map, up to the bar holding last_onset.
 
         A signature change that falls inside a bar takes effect at the next bar line.
@@ -240,15 +252,23 @@ class Tokenizer:
         grid = self.config.grid_per_beat
         changes = [(grid_from_ticks(ts.tick, score.ticks_per_beat, grid), ts.numerator, ts.denominator)
                    for ts in score.time_signatures]
+        self._check_bar_count(changes, last_onset, limits, score.source)
         bars: list[_Bar] = []
         start = 0
         num, den = changes[0][1:] if changes and changes[0][0] == 0 else (4, 4)
         pending = [c for c in changes if c[0] > 0]
         while start <= last_onset:
+            if len(bars) % 1024 == 1023:
+                if deadline.passed():
+                    raise TokenizerError(f"{score.source}: placing the notes took longer than "
+                                         f"{deadline.seconds:g} s (the limit, seconds)")
             while pending and pending[0][0] <= start:
                 if pending[0][0] < start:
                     problems["time signatures inside a bar moved to the next bar line"] += 1
                 num, den = pending.pop(0)[1:]
+            if num <= 0 or den <= 0:
+                problems[f"time signatures of {num}/{den} read as 4/4"] += 1
+                num, den = 4, 4
             length = Fraction(4 * grid * num, den)
             if length.denominator != 1 or length <= 0:
                 problems[f"bars of {num}/{den} rounded to the grid"] += 1
@@ -256,6 +276,19 @@ class Tokenizer:
             bars.append(_Bar(start, int(length), num, den))
             start += int(length)
         return bars
+
+    def _check_bar_count(self, changes: list[tuple[int, int, int]], last_onset: int, limits: ReadLimits,
+                         source: str) -> None:
+        """Refuse a score whose bars alone pass ``max_tokens`` (short bars over a long span), counted
+        per meter, before a bar is built."""
+        grid = self.config.grid_per_beat
+        edges = [c for c in changes if 0 < c[0] <= last_onset]
+        meters = [(0, *(changes[0][1:] if changes and changes[0][0] == 0 else (4, 4)))] + edges
+        bars = 0
+        for (at, num, den), (end, _, _) in zip(meters, meters[1:] + [(last_onset + 1, 0, 0)]):
+            length = max(1, math.ceil(Fraction(4 * grid * max(num, 1), max(den, 1))))
+            bars += -(-(end - at) // length)
+        limits.check("bar count", bars, "max_tokens", source, TokenizerError)
 
     def _rests(self, spans: list[tuple[int, int]], bars: list[_Bar],
                bar_starts: list[int]) -> list[tuple[int, int, int, int, int, int, int, int]]:
