@@ -22,6 +22,7 @@ from server.connection import Connection
 from server.engine import Engine
 from server.generate_job import MAX_GENERATE_JOBS, GenerateJobs
 from server.metrics import Metrics
+from server.prompts import PromptReader
 from server.protocol import GenerateRequest
 from server.served_model import ServedModel
 from server.session import SessionRegistry
@@ -44,14 +45,16 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
                         generate_ahead=config.generate_ahead, metrics=metrics)
         engine.start()
         app.state.engine = engine
-        app.state.registry = SessionRegistry(config, engine, served.tokenizer, metrics)
-        app.state.jobs = GenerateJobs(config, engine, served.tokenizer, metrics)
+        prompts = PromptReader(served.tokenizer, config.read_limits, config.prompt_workers)
+        app.state.registry = SessionRegistry(config, engine, prompts, metrics)
+        app.state.jobs = GenerateJobs(config, engine, served.tokenizer, prompts, metrics)
         logger.info("serving %s (%s parameters) on %s in %s", served.path, f"{served.parameters:,}",
                     served.device, str(served.dtype).removeprefix("torch."))
         try:
             yield
         finally:
             engine.close()
+            prompts.close()
 
     app = FastAPI(title="FM Server", version="0.1.0", lifespan=lifespan,
                   description="Real-time MIDI generation with the Field Machine. WebSocket protocol: "

@@ -35,7 +35,6 @@ from pydantic import ValidationError
 from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
 from server.engine import EngineClosed, EngineFull, StreamNote
-from server.prompts import read_prompt
 from server.protocol import (CLIENT_TYPES, ErrorCode, ErrorReply, NotesMessage, NotesReply, PauseMessage,
                              RequestError, ResumeMessage, SessionReply, SetMessage, StartMessage, StopMessage,
                              StoppedReply, client_message_adapter, format_validation_error)
@@ -130,7 +129,7 @@ class Connection:
             await self.refuse_full()
             return
         cfg = registry.config
-        prompt = await read_prompt(msg, msg, registry.tokenizer, cfg.max_upload_bytes)
+        prompt = await registry.prompts.read(msg, msg, cfg.max_upload_bytes)
         seed = msg.seed if msg.seed is not None else secrets.randbelow(2**31)
         sampling = msg.applied_to(replace(SamplingConfig(), seed=seed))
         session = Session(registry)

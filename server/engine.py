@@ -134,6 +134,7 @@ class Engine:
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._free = list(range(capacity - 1, -1, -1))
+        self._input_turn = 0
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
@@ -329,9 +330,18 @@ class Engine:
 
     @torch.no_grad()
     def _read_input(self) -> bool:
-        """Read at most ``input_chunk`` pending prompt or played tokens; True if any were read."""
+        """Read at most ``input_chunk`` pending prompt or played tokens; True if any were read.
+
+        Played notes of running streams go first (a quick answer), then prompts, taking turns: the
+        order rotates every call, so a long prompt never holds up a short one for long."""
         budget = self.input_chunk
-        for stream in list(self.streams.values()):
+        streams = list(self.streams.values())
+        if streams:
+            turn = self._input_turn % len(streams)
+            self._input_turn += 1
+            streams = streams[turn:] + streams[:turn]
+            streams.sort(key=lambda s: not s.primed)  # stable: the rotation holds within each group
+        for stream in streams:
             if budget <= 0:
                 break
             while stream.pending and budget > 0 and not stream.failed:
@@ -377,19 +387,36 @@ class Engine:
     @torch.no_grad()
     def _execute(self, batch: list[Stream]) -> list[StreamStep] | None:
         """Advance the streams' rows of the slab by one token each (one batched step) and write
-        them back; a failure fails every stream of the batch (None)."""
-        rows = torch.tensor([s.slot for s in batch], device=self.device)
+        them back. If the step fails, each stream is stepped alone and only the ones that fail
+        alone fail (a bad value fails its own stream, never its neighbours'); returns the results
+        of the streams that stepped, in ``batch`` order (None: none did)."""
+        saved = [s.decoder.copy() for s in batch]
         try:
-            state, out = self._rows(rows)
-            results, new_state, new_out = self.generator.advance(
-                state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
-                self.heard[rows])
-            self._store(rows, new_state, new_out)
+            return self._advance(batch)
         except Exception as exc:
-            logger.exception("a model step of %d streams failed", len(batch))
-            for stream in batch:
-                self._fail(stream, f"the model step failed: {exc}")
-            return None
+            if len(batch) == 1:
+                logger.exception("the model step of stream %d failed", batch[0].id)
+                self._fail(batch[0], f"the model step failed: {exc}")
+                return None
+            logger.warning("a model step of %d streams failed (%s); stepping each alone", len(batch), exc)
+        results: list[StreamStep] = []
+        stepped: list[Stream] = []
+        for stream, decoder in zip(batch, saved):
+            stream.decoder.restore(decoder)
+            outcome = self._execute([stream])
+            if outcome is not None:
+                results += outcome
+                stepped.append(stream)
+        batch[:] = stepped  # the caller updates the streams that stepped
+        return results or None
+
+    def _advance(self, batch: list[Stream]) -> list[StreamStep]:
+        rows = torch.tensor([s.slot for s in batch], device=self.device)
+        state, out = self._rows(rows)
+        results, new_state, new_out = self.generator.advance(
+            state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
+            self.heard[rows])
+        self._store(rows, new_state, new_out)
         return results
 
     def _update(self, batch: list[Stream], results: list[StreamStep]

@@ -5,7 +5,7 @@ A :class:`GenerateJobs` handles every request, step by step:
 1. Read the body: JSON (the fields of :class:`server.protocol.GenerateRequest`), or
    ``multipart/form-data`` with the prompt as a file part named ``prompt`` and the same fields as
    form fields. Bodies over twice ``--max-upload-bytes`` are refused (413).
-2. Read the prompt (:func:`server.prompts.read_prompt`, the same path as ``/ws``).
+2. Read the prompt (:class:`server.prompts.PromptReader`, the same path as ``/ws``).
 3. Refuse the job when :data:`MAX_GENERATE_JOBS` are running (503).
 4. Open a non-real-time engine stream for ``tokens`` tokens and wait until it is done.
 5. Write the continuation (after the prompt's own notes with ``include_prompt``) as a type 1 MIDI
@@ -32,7 +32,7 @@ from model.tokenizer.tokenizer import Tokenizer
 from server.config import ServerConfig
 from server.engine import Engine, EngineClosed, EngineFull, Stream, StreamNote
 from server.metrics import Metrics
-from server.prompts import read_prompt
+from server.prompts import PromptReader
 from server.protocol import (MAX_GENERATE_TOKENS, ErrorCode, GenerateRequest, RequestError,
                              format_validation_error)
 
@@ -44,17 +44,19 @@ HTTP_STATUS = {ErrorCode.TOO_LARGE: 413, ErrorCode.SERVER_FULL: 503, ErrorCode.G
 class GenerateJobs:
     """Every ``POST /generate`` of one server (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, tokenizer: Tokenizer, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, tokenizer: Tokenizer, prompts: PromptReader,
+                 metrics: Metrics) -> None:
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
+        self.prompts = prompts
         self.metrics = metrics
         self.running = 0
 
     async def respond(self, request: Request) -> Response:
         try:
             req, upload = await read_request(request, self.config.max_upload_bytes)
-            prompt = await read_prompt(req, req, self.tokenizer, self.config.max_upload_bytes, upload)
+            prompt = await self.prompts.read(req, req, self.config.max_upload_bytes, upload)
             sampling = req.applied_to(SamplingConfig())
             notes, stream = await self.run(prompt.tokens, sampling, prompt.bpm, req.tokens)
         except RequestError as exc:

@@ -15,10 +15,10 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from model.tokenizer.tokenizer import Tokenizer
 from server.config import ServerConfig
 from server.engine import Engine, EngineClosed, Stream, StreamNote
 from server.metrics import Metrics
+from server.prompts import PromptReader
 from server.protocol import ErrorCode, OutNote, StateReply
 
 if TYPE_CHECKING:
@@ -113,10 +113,10 @@ class Session:
 class SessionRegistry:
     """Every session of the server, connected or waiting for its resume token."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, tokenizer: Tokenizer, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, prompts: PromptReader, metrics: Metrics) -> None:
         self.config = config
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.prompts = prompts
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.by_token: dict[str, Session] = {}

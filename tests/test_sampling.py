@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.sampling.batch import SamplingBatch
-from model.sampling.config import SamplingConfig
+from model.sampling.config import MIN_TOP_P, SamplingConfig
 from model.sampling.philox import philox4x32_10, stream_uniform
 from model.sampling.sample import filter_logits, sample
 
@@ -254,9 +254,9 @@ def test_min_p_drops_tokens_below_min_p_times_the_top(min_p, expected):
 
 
 @pytest.mark.parametrize("config", [
-    SamplingConfig(top_k=0, top_p=1e-6),
+    SamplingConfig(top_k=0, top_p=MIN_TOP_P),
     SamplingConfig(top_k=0, top_p=1.0, min_p=0.999),
-    SamplingConfig(top_k=1, top_p=1e-6, min_p=0.999),
+    SamplingConfig(top_k=1, top_p=MIN_TOP_P, min_p=0.999),
 ], ids=["tiny-top-p", "huge-min-p", "all-strict"])
 def test_the_top_token_is_always_kept(config):
     logits = random_logits(8, 300, seed=6)
@@ -387,8 +387,12 @@ def test_cuda_draws_the_same_tokens_as_cpu_and_alone_as_in_a_batch():
     ({"key_pull": -0.5}, "key_pull"),
     ({"key_pull": 10.5}, "key_pull"),
     ({"key_pull": math.nan}, "key_pull"),
+    ({"temperature": 1e-300}, "temperature"),
+    ({"temperature": 10.5}, "temperature"),
+    ({"top_p": 1e-300}, "top_p"),
+    ({"top_k": 10**6}, "top_k"),
 ], ids=["T=0", "T<0", "T=nan", "top_k<0", "top_k-float", "top_p=0", "top_p>1", "min_p<0", "min_p=1",
-        "seed<0", "seed-too-big", "pull<0", "pull>10", "pull=nan"])
+        "seed<0", "seed-too-big", "pull<0", "pull>10", "pull=nan", "T-tiny", "T-huge", "top_p-tiny", "top_k-huge"])
 def test_invalid_configs_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**kwargs)

@@ -8,6 +8,9 @@ import numbers
 from dataclasses import dataclass, field, fields
 
 SEED_LIMIT = 2**63  # seeds live in an int64 tensor
+# Lower ends sampling really handles: float32 logits / 0.01 stay finite, top_p * mass stays > 0.
+MIN_TEMPERATURE = 0.01
+MIN_TOP_P = 0.001
 
 
 def is_real(value: object) -> bool:
@@ -41,7 +44,7 @@ class Range:
     def describe(self) -> str:
         """``"a number in (0, 10]"``, ``"an integer in [0, 2**63)"``."""
         high = "2**63" if self.high == SEED_LIMIT else f"{self.high:g}"
-        interval = f"{'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}"
+        interval = f"{'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}"  # noqa: E501
         return (f"{'an integer' if self.integer else 'a number'} in {interval}"
                 + (f" ({self.note})" if self.note else ""))
 
@@ -59,10 +62,10 @@ class SamplingConfig:
     """How one stream samples. The single source of truth for the sampling defaults and ranges
     (``metadata["range"]`` of each field; :func:`check_setting` validates one value)."""
 
-    temperature: float = _setting(0.85, "Softmax temperature; lower is sharper:", Range(0, 10, low_open=True))
+    temperature: float = _setting(0.85, "Softmax temperature; lower is sharper:", Range(MIN_TEMPERATURE, 10))
     top_k: int = _setting(50, "Keep the k most likely tokens:", Range(0, 100_000, integer=True, note="0 = off"))
     top_p: float = _setting(0.95, "Nucleus: keep the smallest set of top tokens with this much probability:",
-                            Range(0, 1, low_open=True, note="1 = off"))
+                            Range(MIN_TOP_P, 1, note="1 = off"))
     min_p: float = _setting(0.0, "Drop tokens less likely than min_p times the top token:",
                             Range(0, 1, high_open=True, note="0 = off"))
     seed: int = _setting(0, "Seed of the stream's counter-based random numbers:",

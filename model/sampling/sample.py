@@ -86,7 +86,7 @@ def _cut(logits: Tensor, batch: SamplingBatch) -> _Cut:
         before = F.pad(cum[:, :-1], (1, 0))
         goal = (batch.top_p.double() * mass).unsqueeze(1)
         n_keep = torch.where(wants_p, (before < goal).sum(dim=1), width)
-        n_keep = torch.where(k > 0, torch.minimum(n_keep, k), n_keep)
+        n_keep = torch.where(k > 0, torch.minimum(n_keep, k), n_keep).clamp_(min=1)  # the top token stays
         last_kept = values.gather(1, (n_keep - 1).unsqueeze(1))
         threshold = torch.maximum(rowmax + log_min_p,
                                   torch.where(ranked.unsqueeze(1), last_kept, -math.inf))

@@ -8,6 +8,7 @@ length, and the grammar mask (:mod:`model.generation.grammar`) knows what may co
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import numpy as np
@@ -45,6 +46,16 @@ class StreamDecoder:
         self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
         self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
         self.notes_at_cursor = 0  # NOTE tokens so far at the cursor's onset (the chord's size)
+
+    def copy(self) -> "StreamDecoder":
+        """An independent decoder in the same place (the tokenizer is shared)."""
+        twin = copy.copy(self)
+        twin.signatures = list(self.signatures)
+        return twin
+
+    def restore(self, saved: "StreamDecoder") -> None:
+        """Go back to the place of ``saved`` (a :meth:`copy`)."""
+        self.__dict__.update(saved.copy().__dict__)
 
     @property
     def bar_end(self) -> int:
