@@ -13,17 +13,20 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.access import AccessGuard
 from server.config import ServerConfig
 from server.connection import Connection
 from server.engine import Engine
 from server.generate_job import MAX_GENERATE_JOBS, GenerateJobs
 from server.metrics import Metrics
 from server.prompts import PromptReader
-from server.protocol import GenerateRequest
+from server.protocol import ErrorCode, GenerateRequest
 from server.served_model import ServedModel
 from server.session import SessionRegistry
 
@@ -59,6 +62,25 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
     app = FastAPI(title="FM Server", version="0.1.0", lifespan=lifespan,
                   description="Real-time MIDI generation with the Field Machine. WebSocket protocol: "
                               "see the README, section 'WebSocket protocol'.")
+    app.add_middleware(AccessGuard, config=config)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.INVALID_MESSAGE}.get(exc.status_code, ErrorCode.INVALID_MESSAGE)
+        return JSONResponse({"code": code.value, "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"code": ErrorCode.INVALID_MESSAGE.value, "detail": str(exc.errors()[:5])},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        metrics.errors.labels(code=ErrorCode.INTERNAL_ERROR.value).inc()
+        return JSONResponse({"code": ErrorCode.INTERNAL_ERROR.value, "detail": f"the server failed: {exc}"},
+                            status_code=500)
 
     @app.get("/health", summary="Is the model loaded and the engine running?")
     async def health(request: Request) -> JSONResponse:

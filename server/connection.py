@@ -44,6 +44,30 @@ logger = logging.getLogger(__name__)
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_POLICY = 1008
+SLOW_SEND_SECONDS = 0.25  # a send that takes longer: the client's socket is not draining
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class Connection:
@@ -57,24 +81,43 @@ class Connection:
         self.sender: asyncio.Task | None = None
         self.closing: tuple[int, str] | None = None
         self.send_lock = asyncio.Lock()
+        self.task: asyncio.Task | None = None
+        self.dropped = False  # closed for not reading
+        rate = registry.config.max_messages_per_second
+        self.rate = TokenBucket(rate, 2 * rate)
+        self.flood_warned = -1.0
 
     async def run(self) -> None:
+        self.task = asyncio.current_task()
         await self.ws.accept()
         try:
             while self.closing is None:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
+                if not self.rate.take():
+                    await self.refuse_flood()
+                    continue
                 try:
                     await self.handle(message)
                 except RequestError as exc:
                     await self.send_error(exc.code, exc.message)
+                except (WebSocketDisconnect, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a bug must cost one message its answer, never the connection
+                    logger.exception("a %s message could not be handled", message.get("type"))
+                    await self.send_error(ErrorCode.INVALID_MESSAGE, f"this message could not be handled: {exc}")
             if self.closing is not None:
                 code, reason = self.closing
                 with contextlib.suppress(Exception):
-                    await self.ws.close(code, reason)
-        except (WebSocketDisconnect, RuntimeError):
+                    await asyncio.wait_for(self.ws.close(code, reason), 1.0)
+        except WebSocketDisconnect:
             pass  # the client went away
+        except RuntimeError as exc:  # Starlette's word for a socket already closed
+            logger.debug("connection ended: %s", exc)
+        except asyncio.CancelledError:
+            if not self.dropped:
+                raise
         finally:
             await self.cleanup()
 
@@ -84,9 +127,13 @@ class Connection:
         if text is None:
             raise RequestError(ErrorCode.BINARY_FRAME, "frames must be JSON text, not binary")
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise RequestError(ErrorCode.INVALID_JSON, f"the frame is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise RequestError(ErrorCode.INVALID_JSON, "the frame nests JSON too deeply") from None
+        except ValueError as exc:  # NaN / Infinity, or an integer of thousands of digits
+            raise RequestError(ErrorCode.INVALID_JSON, f"the frame is not usable JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise RequestError(ErrorCode.INVALID_JSON, "the frame must be a JSON object")
         kind = data.get("type")
@@ -128,11 +175,15 @@ class Connection:
         if registry.full:
             await self.refuse_full()
             return
+        client = self.ws.client.host if self.ws.client else ""
+        if registry.full_for(client):
+            await self.refuse_full(per_client=True)
+            return
         cfg = registry.config
         prompt = await registry.prompts.read(msg, msg, cfg.max_upload_bytes)
         seed = msg.seed if msg.seed is not None else secrets.randbelow(2**31)
         sampling = msg.applied_to(replace(SamplingConfig(), seed=seed))
-        session = Session(registry)
+        session = Session(registry, client)
         try:
             session.stream = await registry.engine.open(
                 prompt.tokens, sampling=sampling, timeline=Timeline(prompt.bpm), realtime=True,
@@ -142,15 +193,16 @@ class Connection:
             return
         except (EngineClosed, RuntimeError) as exc:
             raise RequestError(ErrorCode.GENERATION_FAILED, f"the session could not start: {exc}") from exc
-        if registry.full:  # others started while the prompt was read
+        if registry.full or registry.full_for(client):  # others started while the prompt was read
             await registry.engine.release(session.stream)
-            await self.refuse_full()
+            await self.refuse_full(per_client=not registry.full)
             return
         self.bind(session)
         registry.add(session)
         await self.send(SessionReply(id=session.id, resume_token=session.resume_token, clock=session.stream.clock,
                                      lookahead=session.lookahead))
         await self.send(session.state_reply())
+        self.start_sending()
         logger.info("session %s started (%d prompt notes, seed %d)", session.id, prompt.notes, seed)
 
     async def resume(self, token: str) -> None:
@@ -165,12 +217,16 @@ class Connection:
         if not session.paused:
             session.set_running(True)
         await self.send(session.state_reply())
+        self.start_sending()
         logger.info("session %s resumed", session.id)
 
     def bind(self, session: Session) -> None:
         self.session = session
         session.connection = self
-        self.sender = asyncio.create_task(self.send_notes(), name=f"send-{session.id}")
+
+    def start_sending(self) -> None:
+        """Start streaming notes (after the ``session`` and ``state`` replies, which come first)."""
+        self.sender = asyncio.create_task(self.send_notes(), name=f"send-{self.session.id}")
 
     async def on_notes(self, msg: NotesMessage) -> None:
         session = self.session
@@ -203,7 +259,13 @@ class Connection:
         await self.send(StoppedReply(notes_sent=session.sent))
         self.closing = (1000, "stopped")
 
-    async def refuse_full(self) -> None:
+    async def refuse_full(self, per_client: bool = False) -> None:
+        if per_client:
+            limit = self.registry.config.max_sessions_per_client
+            await self.send_error(ErrorCode.SERVER_FULL, f"this client holds {limit} sessions already "
+                                  "(--max-sessions-per-client); stop one or try again later")
+            self.closing = (CLOSE_TRY_AGAIN_LATER, f"{limit} sessions for this client")
+            return
         limit = self.registry.config.max_sessions
         await self.send_error(ErrorCode.SERVER_FULL, f"the server is full ({limit} sessions); try again later")
         self.closing = (CLOSE_TRY_AGAIN_LATER, f"server full: {limit} sessions")
@@ -220,8 +282,33 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
     async def send(self, reply) -> None:
+        """Send one frame; a client that has not read it within ``--send-timeout`` is dropped (1008)."""
         async with self.send_lock:
-            await self.ws.send_text(reply.model_dump_json())
+            try:
+                async with asyncio.timeout(self.registry.config.send_timeout):
+                    await self.ws.send_text(reply.model_dump_json())
+            except TimeoutError:
+                self.drop_slow_reader()
+                raise WebSocketDisconnect(CLOSE_POLICY, "not reading") from None
+
+    def drop_slow_reader(self) -> None:
+        """The client stopped reading: end this connection; its session waits for a resume."""
+        if self.dropped:
+            return
+        self.dropped = True
+        self.metrics.slow_clients.inc()
+        logger.warning("dropping a client that read nothing for %.0f s", self.registry.config.send_timeout)
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()  # the receive loop ends; cleanup detaches the session
+
+    async def refuse_flood(self) -> None:
+        """Too many messages: one ``rate_limited`` error a second at most; the messages are dropped."""
+        now = time.monotonic()
+        if now - self.flood_warned >= 1.0:
+            self.flood_warned = now
+            rate = self.registry.config.max_messages_per_second
+            await self.send_error(ErrorCode.RATE_LIMITED, f"more than {rate:g} messages a second: messages "
+                                  "are dropped until the rate falls")
 
     async def send_error(self, code: ErrorCode, message: str) -> None:
         self.metrics.errors.labels(code=code.value).inc()
@@ -229,15 +316,21 @@ class Connection:
             await self.send(ErrorReply(code=code, message=message))
 
     async def send_notes(self) -> None:
-        """Send each note ``lookahead`` seconds before its start (this connection's task)."""
+        """Send each note ``lookahead`` seconds before its start (this connection's task).
+
+        A note sent after its start counts as late (``fm_late_notes_total``) unless the client's
+        socket was not draining (a send took over :data:`SLOW_SEND_SECONDS`): then the lateness is
+        the client's (``fm_late_notes_slow_client_total``)."""
         session = self.session
+        slow_client = False
         while True:
             session.wake.clear()
             wait: float | None = None
             if not session.stream.paused:
                 notes, wait = session.due_notes()
                 if notes:
-                    late = sum(1 for n in notes if session.stream.clock + n.start < time.time())
+                    began = time.time()
+                    late = sum(1 for n in notes if session.stream.clock + n.start < began)
                     try:
                         await self.send(NotesReply(notes=notes))
                     except BaseException as exc:  # dropped or cancelled: keep the notes for a resume
@@ -248,7 +341,8 @@ class Connection:
                     session.sent += len(notes)
                     self.metrics.notes_sent.inc(len(notes))
                     if late:
-                        self.metrics.late_notes.inc(late)
+                        (self.metrics.late_notes_slow_client if slow_client else self.metrics.late_notes).inc(late)
+                    slow_client = time.time() - began > SLOW_SEND_SECONDS
                     continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(session.wake.wait(), timeout=wait)

@@ -38,7 +38,8 @@ from server.protocol import (MAX_GENERATE_TOKENS, ErrorCode, GenerateRequest, Re
 
 MAX_GENERATE_JOBS = 16
 HTTP_STATUS = {ErrorCode.TOO_LARGE: 413, ErrorCode.SERVER_FULL: 503, ErrorCode.GENERATION_FAILED: 500,
-               ErrorCode.INVALID_MESSAGE: 422}  # every other code: 400
+               ErrorCode.INVALID_MESSAGE: 422, ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+               ErrorCode.RATE_LIMITED: 429}  # every other code: 400
 
 
 class GenerateJobs:
@@ -52,13 +53,14 @@ class GenerateJobs:
         self.prompts = prompts
         self.metrics = metrics
         self.running = 0
+        self.by_client: dict[str, int] = {}
 
     async def respond(self, request: Request) -> Response:
         try:
             req, upload = await read_request(request, self.config.max_upload_bytes)
             prompt = await self.prompts.read(req, req, self.config.max_upload_bytes, upload)
             sampling = req.applied_to(SamplingConfig())
-            notes, stream = await self.run(prompt.tokens, sampling, prompt.bpm, req.tokens)
+            notes, stream = await self.run(prompt.tokens, sampling, prompt.bpm, req.tokens, _client(request))
         except RequestError as exc:
             self.metrics.errors.labels(code=exc.code.value).inc()
             return JSONResponse({"code": exc.code.value, "detail": exc.message},
@@ -71,11 +73,15 @@ class GenerateJobs:
             "X-FM-Notes": str(len(notes)), "X-FM-Tokens": str(req.tokens), "X-FM-Seed": str(sampling.seed)})
 
     async def run(self, prompt: TokenSequence | None, sampling: SamplingConfig, bpm: float,
-                  tokens: int) -> tuple[list[StreamNote], Stream]:
+                  tokens: int, client: str = "") -> tuple[list[StreamNote], Stream]:
         """Generate ``tokens`` tokens after ``prompt``: the notes and the finished stream."""
         if self.running >= MAX_GENERATE_JOBS:
             raise RequestError(ErrorCode.SERVER_FULL, f"{MAX_GENERATE_JOBS} generate requests are running; "
                                "try again later")
+        limit = self.config.max_jobs_per_client
+        if self.by_client.get(client, 0) >= limit:
+            raise RequestError(ErrorCode.RATE_LIMITED, f"this client already has {limit} generate requests "
+                               "running (--max-jobs-per-client)")
         notes: list[StreamNote] = []
         done = asyncio.get_running_loop().create_future()
 
@@ -84,6 +90,7 @@ class GenerateJobs:
                 done.set_exception(RuntimeError(error)) if error else done.set_result(None)
 
         self.running += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
         self.metrics.jobs.set(self.running)
         stream = None
         try:
@@ -96,6 +103,9 @@ class GenerateJobs:
             raise RequestError(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}") from exc
         finally:
             self.running -= 1
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
             self.metrics.jobs.set(self.running)
             if stream is not None and not stream.closed:
                 with contextlib.suppress(EngineClosed):
@@ -103,15 +113,22 @@ class GenerateJobs:
         return notes, stream
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
 async def read_request(request: Request, limit: int) -> tuple[GenerateRequest, bytes | None]:
     """Parse a JSON or multipart body into a request and an uploaded prompt (if any)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > 2 * limit:
         raise RequestError(ErrorCode.TOO_LARGE, f"the request body is larger than {2 * limit} bytes")
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("", "application/json", "multipart/form-data"):
+        raise RequestError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, f"the body must be application/json or "
+                           f"multipart/form-data, not {content_type}")
     upload = None
     try:
-        if content_type.startswith("multipart/form-data"):
+        if content_type == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=20, max_part_size=limit)
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             file = form.get("prompt")
@@ -123,6 +140,9 @@ async def read_request(request: Request, limit: int) -> tuple[GenerateRequest, b
                                                  strict=False)
         else:
             body = await request.body()
+            if body and content_type != "application/json":
+                raise RequestError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "a body needs content-type application/json "
+                                   "or multipart/form-data")
             if len(body) > 2 * limit:
                 raise RequestError(ErrorCode.TOO_LARGE, f"the request body is larger than {2 * limit} bytes")
             req = GenerateRequest.model_validate_json(body or b"{}")

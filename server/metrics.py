@@ -29,7 +29,12 @@ class Metrics:
         self.step_seconds = Histogram("fm_step_seconds", "time of one batched step (model, sampling, update)",
                                       buckets=STEP_BUCKETS, registry=r)
         self.notes_sent = Counter("fm_notes_sent", "notes sent to WebSocket clients", registry=r)
-        self.late_notes = Counter("fm_late_notes", "notes sent after their start time", registry=r)
+        self.late_notes = Counter("fm_late_notes", "notes sent after their start time to clients that read "
+                                  "their socket", registry=r)
+        self.late_notes_slow_client = Counter("fm_late_notes_slow_client", "notes sent after their start time "
+                                              "to clients whose socket was not draining", registry=r)
+        self.slow_clients = Counter("fm_slow_clients_dropped", "connections closed for not reading (--send-timeout)",
+                                    registry=r)
         self.notes_moved = Counter("fm_notes_moved", "generated notes placed before the stream's latest onset "
                                    "and moved up to it (a live stream only moves forward)", registry=r)
         self.errors = Counter("fm_errors", "errors reported to clients, by code", ["code"], registry=r)

@@ -37,6 +37,12 @@ class ErrorCode(StrEnum):
     SERVER_FULL = "server_full"              # too many sessions (also close code 1013)
     TOO_LARGE = "too_large"                  # an upload or a request above a documented cap
     UNREADABLE_NOTES = "unreadable_notes"    # played notes the model's vocabulary cannot hold (left out)
+    RATE_LIMITED = "rate_limited"            # more messages a second than --max-messages-per-second
+    UNAUTHORIZED = "unauthorized"            # no or a wrong API key (also HTTP 401, close code 1008)
+    FORBIDDEN = "forbidden"                  # an Origin or Host this server does not serve (403, 1008)
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # POST /generate without JSON or multipart (415)
+    NOT_FOUND = "not_found"                  # no such endpoint (404)
+    INTERNAL_ERROR = "internal_error"        # a server bug (500); the log has the traceback
 
 
 class RequestError(ValueError):

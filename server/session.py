@@ -30,8 +30,9 @@ SEND_WINDOW = 0.005  # notes due within this many seconds of each other leave in
 class Session:
     """One stream and the notes generated for it but not yet sent."""
 
-    def __init__(self, registry: "SessionRegistry") -> None:
+    def __init__(self, registry: "SessionRegistry", client: str = "") -> None:
         self.registry = registry
+        self.client = client  # the address it was started from (per-client limits)
         self.id = secrets.token_hex(8)
         self.resume_token = secrets.token_urlsafe(24)
         self.stream: Stream | None = None
@@ -124,6 +125,11 @@ class SessionRegistry:
     @property
     def full(self) -> bool:
         return len(self.sessions) >= self.config.max_sessions
+
+    def full_for(self, client: str) -> bool:
+        """Whether ``client`` holds ``--max-sessions-per-client`` sessions already."""
+        held = sum(1 for s in self.sessions.values() if s.client == client)
+        return held >= self.config.max_sessions_per_client
 
     def add(self, session: Session) -> None:
         self.sessions[session.id] = session
