@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import math
 import re
 import sys
@@ -60,10 +61,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-async def run_session(url: str, index: int, seconds: float, start: dict, stop_at: float) -> SessionResult:
+async def run_session(url: str, index: int, seconds: float, start: dict, stop_at: float,
+                      headers: dict[str, str] | None = None) -> SessionResult:
     result = SessionResult()
     try:
-        async with websockets.connect(url, max_size=None, open_timeout=60) as ws:
+        async with websockets.connect(url, max_size=None, open_timeout=60, additional_headers=headers) as ws:
             await ws.send(json.dumps({"type": "start", "seed": index + 1, **start}))
             clock = None
             while True:
@@ -100,9 +102,9 @@ def metrics_url(ws_url: str) -> str:
     return re.sub(r"^ws", "http", ws_url).rsplit("/", 1)[0] + "/metrics"
 
 
-def read_metrics(url: str) -> dict[str, float] | None:
+def read_metrics(url: str, headers: dict[str, str] | None = None) -> dict[str, float] | None:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -118,11 +120,11 @@ def read_metrics(url: str) -> dict[str, float] | None:
     return values
 
 
-async def watch(url: str, every: float, stop_at: float) -> None:
+async def watch(url: str, every: float, stop_at: float, headers: dict[str, str] | None = None) -> None:
     """Print the server's memory and state figures every ``every`` seconds (to stderr)."""
     began = time.time()
     while time.time() < stop_at:
-        values = await asyncio.to_thread(read_metrics, url) or {}
+        values = await asyncio.to_thread(read_metrics, url, headers) or {}
         print(f"[{time.time() - began:7.0f} s] sessions {values.get('fm_sessions', float('nan')):.0f}  "
               f"tokens {values.get('fm_tokens_total', float('nan')):.0f}  "
               f"state {values.get('fm_session_state_bytes', float('nan')):.0f} B/session  "
@@ -132,21 +134,22 @@ async def watch(url: str, every: float, stop_at: float) -> None:
         await asyncio.sleep(every)
 
 
-async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float, every: float = 0) -> Report:
-    before = read_metrics(metrics_url(url))
+async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float, every: float = 0,
+              headers: dict[str, str] | None = None) -> Report:
+    before = read_metrics(metrics_url(url), headers)
     began = time.time()
     stop_at = began + ramp + seconds
     tasks = []
-    watcher = asyncio.create_task(watch(metrics_url(url), every, stop_at)) if every > 0 else None
+    watcher = asyncio.create_task(watch(metrics_url(url), every, stop_at, headers)) if every > 0 else None
     for i in range(sessions):
-        tasks.append(asyncio.create_task(run_session(url, i, seconds, start, stop_at)))
+        tasks.append(asyncio.create_task(run_session(url, i, seconds, start, stop_at, headers)))
         if ramp:
             await asyncio.sleep(ramp / sessions)
     results = await asyncio.gather(*tasks)
     if watcher is not None:
         watcher.cancel()
     elapsed = time.time() - began
-    after = read_metrics(metrics_url(url))
+    after = read_metrics(metrics_url(url), headers)
     headroom = [h for r in results for h in r.headroom]
     errors: Counter = Counter()
     for r in results:
@@ -197,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="every this many seconds, print the server's sessions, tokens, state bytes per "
                              "session and resident memory to stderr (0 = off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--api-key", default=os.environ.get("FM_API_KEY", ""),
+                        help="the server's API key, if it has one (default: $FM_API_KEY)")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0:
         parser.error("--sessions must be >= 1 and --seconds > 0")
     start = {"bpm": args.bpm}
     if args.temperature is not None:
         start["temperature"] = args.temperature
-    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp, args.watch))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp, args.watch, headers))
     print(json.dumps(asdict(report)) if args.json else format_report(report))
     return 0 if report.held == report.sessions else 1
 

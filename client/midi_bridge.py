@@ -292,8 +292,10 @@ class InputReader:
 class Bridge:
     """The WebSocket side: one session, resumed across dropped connections."""
 
-    def __init__(self, url: str, start: dict, scheduler: MidiScheduler, channel: int | None = None) -> None:
+    def __init__(self, url: str, start: dict, scheduler: MidiScheduler, channel: int | None = None,
+                 api_key: str = "") -> None:
         self.url = url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.start = start
         self.scheduler = scheduler
         self.channel = channel
@@ -319,7 +321,8 @@ class Bridge:
             first = {"type": "start", "resume_token": self.token} if self.token else {"type": "start", **self.start}
             self._went_live = False
             try:
-                async with connect(self.url, open_timeout=10, max_size=1 << 22) as ws:
+                async with connect(self.url, open_timeout=10, max_size=1 << 22,
+                                   additional_headers=self.headers) as ws:
                     self.ws = ws
                     if self.stopping:
                         break
@@ -330,6 +333,9 @@ class Bridge:
                 if code == 1013:
                     logger.error("the server is full (close code 1013); try again later")
                     return 3
+                if code == 1008:
+                    logger.error("the server refused this client (%s): check --api-key", exc.rcvd.reason)
+                    return 4
                 if not (self.stopped or self.stopping):
                     logger.warning("connection lost (%s)", exc)
             except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -459,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Play an FM Server stream into a DAW through a virtual MIDI port.",
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the server's WebSocket address")
+    parser.add_argument("--api-key", default=os.environ.get("FM_API_KEY", ""),
+                        help="the server's API key, if it has one (default: $FM_API_KEY)")
     parser.add_argument("--port-name", default="FM Server",
                         help="name of the virtual output port (on Windows: of the loopMIDI port to open)")
     parser.add_argument("--api", choices=APIS, default="auto",
@@ -524,7 +532,8 @@ async def amain(args: argparse.Namespace) -> int:
     out, api_label, described = open_output(args.api, args.port_name, args.output)
     logger.info("MIDI output: %s on %s", described, api_label)
     scheduler = MidiScheduler(out.send_message)
-    bridge = Bridge(args.url, start, scheduler, channel=None if args.channel is None else args.channel - 1)
+    bridge = Bridge(args.url, start, scheduler, channel=None if args.channel is None else args.channel - 1,
+                    api_key=args.api_key)
     reader = None
     try:
         if args.input:

@@ -26,7 +26,9 @@ from server.engine import Engine
 from server.generate_job import MAX_GENERATE_JOBS, GenerateJobs
 from server.metrics import Metrics
 from server.prompts import PromptReader
-from server.protocol import ErrorCode, GenerateRequest
+from server.openapi import (GENERATE_RESPONSES, HEALTH_RESPONSES, METRICS_RESPONSES, generate_operation,
+                            install)
+from server.protocol import ErrorCode, HealthReply
 from server.served_model import ServedModel
 from server.session import SessionRegistry
 
@@ -63,6 +65,7 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
                   description="Real-time MIDI generation with the Field Machine. WebSocket protocol: "
                               "see the README, section 'WebSocket protocol'.")
     app.add_middleware(AccessGuard, config=config)
+    install(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -82,31 +85,24 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
         return JSONResponse({"code": ErrorCode.INTERNAL_ERROR.value, "detail": f"the server failed: {exc}"},
                             status_code=500)
 
-    @app.get("/health", summary="Is the model loaded and the engine running?")
+    @app.get("/health", summary="Is the model loaded and the engine running?", responses=HEALTH_RESPONSES)
     async def health(request: Request) -> JSONResponse:
         engine: Engine = request.app.state.engine
-        body = {"status": "ok" if engine.running else "engine stopped",
-                "checkpoint": str(served.path), "device": str(served.device),
-                "dtype": str(served.dtype).removeprefix("torch."), "threads": served.threads,
-                "parameters": served.parameters,
-                "vocab_size": served.tokenizer.vocab_size, "state_bytes_per_session": engine.state_bytes,
-                "sessions": len(request.app.state.registry.sessions), "max_sessions": config.max_sessions,
-                "lookahead": config.lookahead, "uptime_seconds": round(time.time() - started, 1)}
-        return JSONResponse(body, status_code=200 if engine.running else 503)
+        body = HealthReply(status="ok" if engine.running else "engine stopped",
+                           checkpoint=str(served.path), device=str(served.device),
+                           dtype=str(served.dtype).removeprefix("torch."), threads=served.threads,
+                           parameters=served.parameters, vocab_size=served.tokenizer.vocab_size,
+                           state_bytes_per_session=engine.state_bytes,
+                           sessions=len(request.app.state.registry.sessions), max_sessions=config.max_sessions,
+                           lookahead=config.lookahead, uptime_seconds=round(time.time() - started, 1))
+        return JSONResponse(body.model_dump(), status_code=200 if engine.running else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/generate", summary="Generate a MIDI file", response_class=Response,
-              responses={200: {"content": {"audio/midi": {}}, "description": "the generated .mid"}},
-              openapi_extra={"requestBody": {"required": False, "content": {
-                  "application/json": {"schema": GenerateRequest.model_json_schema()},
-                  "multipart/form-data": {"schema": {"type": "object", "properties": {
-                      "prompt": {"type": "string", "format": "binary", "description": "a .mid prompt"},
-                      **{name: {"type": "string", "description": f.description or name}
-                         for name, f in GenerateRequest.model_fields.items()
-                         if name not in ("prompt_midi", "prompt_notes")}}}}}}})
+    @app.post("/generate", summary="Generate a MIDI file", response_class=Response, responses=GENERATE_RESPONSES,
+              openapi_extra=generate_operation())
     async def generate(request: Request) -> Response:
         """Continue a prompt (or start from nothing) for ``tokens`` tokens and return a .mid.
 

@@ -210,6 +210,30 @@ class ErrorReply(BaseModel):
     message: str
 
 
+class ErrorBody(BaseModel):
+    """The body of every HTTP error."""
+
+    code: ErrorCode
+    detail: str
+
+
+class HealthReply(BaseModel):
+    """``GET /health``."""
+
+    status: Literal["ok", "engine stopped"]
+    checkpoint: str
+    device: str
+    dtype: str
+    threads: int
+    parameters: int
+    vocab_size: int
+    state_bytes_per_session: int
+    sessions: int
+    max_sessions: int
+    lookahead: float
+    uptime_seconds: float
+
+
 class StoppedReply(BaseModel):
     type: Literal["stopped"] = "stopped"
     notes_sent: int

@@ -179,9 +179,13 @@ def test_gpu_image_pairs_cuda_runtime_with_matching_torch_build():
 def test_server_port_is_published(docker_compose, name):
     assert instruction("EXPOSE") == CONTAINER_PORT
     assert dockerfile_env()["FM_PORT"] == CONTAINER_PORT
-    assert resolved(docker_compose, name)["server"]["ports"] == [f"0.0.0.0:8000:{CONTAINER_PORT}/tcp"]
-    moved = resolved(docker_compose, name, FM_PORT="9000", FM_BIND="127.0.0.1")["server"]
-    assert moved["ports"] == [f"127.0.0.1:9000:{CONTAINER_PORT}/tcp"]
+    default = resolved(docker_compose, name)["server"]
+    assert default["ports"] == [f"127.0.0.1:8000:{CONTAINER_PORT}/tcp"]  # this machine only, unless asked
+    assert default["environment"]["FM_EXPOSED_HOST"] == "127.0.0.1"
+    moved = resolved(docker_compose, name, FM_PORT="9000", FM_BIND="0.0.0.0")["server"]
+    assert moved["ports"] == [f"0.0.0.0:9000:{CONTAINER_PORT}/tcp"]
+    # published to the network: the server then refuses to start without FM_API_KEY
+    assert moved["environment"]["FM_EXPOSED_HOST"] == "0.0.0.0"
     assert "FM_PORT" not in moved["environment"]  # the host's port never moves the container's
 
 

@@ -18,7 +18,7 @@ const SET_EVERY_MS = 120;        // how often a dragged control sends "set"
 const $ = (id) => document.getElementById(id);
 const ui = {
   start: $("start"), pause: $("pause"), download: $("download"), mute: $("mute"), volume: $("volume"),
-  url: $("ws-url"), dot: $("status-dot"), text: $("status-text"), notes: $("stat-notes"), session: $("stat-session"),
+  url: $("ws-url"), apiKey: $("api-key"), dot: $("status-dot"), text: $("status-text"), notes: $("stat-notes"), session: $("stat-session"),
   headroom: $("stat-headroom"), hint: $("roll-hint"), legend: $("legend"), drop: $("drop"),
   file: $("prompt-file"), promptText: $("prompt-text"), promptClear: $("prompt-clear"),
   seed: $("seed"), dice: $("dice"), octave: $("octave"),
@@ -45,6 +45,21 @@ const params = new URLSearchParams(location.search);
 ui.url.value = params.get("ws") ||
   (location.protocol.startsWith("http") ? `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`
                                         : "ws://127.0.0.1:8000/ws");
+ui.apiKey.value = params.get("key") || "";
+
+// The WebSocket address with the API key (browsers cannot set headers on a WebSocket).
+function sessionUrl() {
+  const url = ui.url.value.trim();
+  const key = ui.apiKey.value.trim();
+  if (!key) return url;
+  try {
+    const parsed = new URL(url);
+    parsed.searchParams.set("api_key", key);
+    return parsed.toString();
+  } catch (err) {
+    return url;  // the Session reports the bad address
+  }
+}
 
 // ------------------------------------------------------------------ settings
 function settings() {
@@ -137,7 +152,7 @@ function startSession() {
   tempos = [{ t: wallNow(), bpm }];
   setPending = {};
 
-  const s = (session = new Session(ui.url.value.trim()));
+  const s = (session = new Session(sessionUrl()));
   s.addEventListener("status", (e) => setPhase(e.detail.phase, e.detail.text));
   s.addEventListener("session", (e) => {
     const m = e.detail;

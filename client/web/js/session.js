@@ -120,6 +120,12 @@ export class Session extends EventTarget {
       this._finish("error");
       return;
     }
+    if (ev.code === 1008 && (ev.reason === "unauthorized" || ev.reason === "forbidden")) {
+      const text = ev.reason === "unauthorized" ? "the server needs its API key (⚙)" : "the server refused this page";
+      this._emit("status", { phase: "error", text });
+      this._finish("error");
+      return;
+    }
     if (!this.token) {
       this._emit("status", { phase: "error", text: `cannot reach ${this.url}` });
       this._finish("error");
