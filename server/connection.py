@@ -138,8 +138,9 @@ class Connection:
             raise RequestError(ErrorCode.INVALID_JSON, "the frame must be a JSON object")
         kind = data.get("type")
         if kind not in CLIENT_TYPES:
+            shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:37] + "..."
             raise RequestError(ErrorCode.UNKNOWN_TYPE,
-                               f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}")
+                               f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}")
         try:
             msg = client_message_adapter.validate_python(data)
         except ValidationError as exc:
