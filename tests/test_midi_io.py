@@ -37,7 +37,7 @@ def test_tempo_and_time_signature_maps():
     score = read_midi(build_midi([(0, 1, 60), (7, 1, 62)], tempo_bpm=90,
                                  time_signatures=[(0, 3, 4), (3, 2, 2)]))
     assert [round(t.bpm, 3) for t in score.tempos] == [90]
-    assert [(s.tick / 480, s.numerator, s.denominator) for s in score.time_signatures] == [
+    assert [(s.tick / score.ticks_per_beat, s.numerator, s.denominator) for s in score.time_signatures] == [
         (0, 3, 4), (3, 2, 2)]
 
 

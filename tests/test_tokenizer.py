@@ -12,6 +12,7 @@ import pytest
 
 from model.midi.read import read_midi
 from model.midi.score import MidiReadError
+from model.timebase import TICKS_PER_BEAT
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.tokenizer import Tokenizer
@@ -81,7 +82,7 @@ def test_meter_change_and_pickup_bar():
     assert bars == ["BAR_1/4", "BAR_4/4", "BAR_4/4", "BAR_3/4", "BAR_3/4"]
     assert [(n[0], n[1]) for n in decoded_notes(tok, midi)] == [(b, p) for b, _, p in notes]
     written = tok.decode(tok.encode(read_midi(midi)))
-    assert [(s.tick / 480, s.numerator, s.denominator) for s in written.time_signatures] == [
+    assert [(s.tick / TICKS_PER_BEAT, s.numerator, s.denominator) for s in written.time_signatures] == [
         (0, 1, 4), (1, 4, 4), (9, 3, 4)]
 
 
