@@ -157,12 +157,13 @@ def test_stream_is_drawn_scheduled_and_shown(page, timing_report):
 
     received = sum(len(m["notes"]) for m in page.received if m["type"] == "notes")
     assert stats["received"] >= 24 and stats["received"] <= received
-    # Every note that came went to the synth; the ones that arrived before their start were all
-    # scheduled. Only a note that arrived after it was over may be dropped (a busy machine can make
-    # one late, which the headroom figures show).
+    # Every note that came went to the synth, and the ones that arrived in time (a tenth of a second
+    # before their start: the audio clock runs a little behind the wall clock) were all scheduled.
+    # Only a note that arrived after it was over may be dropped: a busy machine can make one late,
+    # which the headroom figures show.
     assert len(scheduled) == stats["received"] and stats["scheduled"] == sum(s["scheduled"] for s in scheduled)
     assert stats["dropped"] == len(scheduled) - stats["scheduled"], stats
-    on_time_dropped = [s for s in scheduled if s["lead"] > 0 and not s["scheduled"]]
+    on_time_dropped = [s for s in scheduled if s["lead"] > 0.1 and not s["scheduled"]]
     assert not on_time_dropped, f"notes that arrived in time were dropped: {on_time_dropped}"
     leads = [s["lead"] for s in scheduled]
     timing_report("web_page_headroom",
@@ -215,8 +216,8 @@ def test_typed_keys_sound_at_once_and_go_to_the_session(page):
     played = [n for m in page.sent_of("notes") for n in m["notes"]]
     assert [n["pitch"] for n in played] == [60, 69]
     # The page stamps the key's press and release when it handles them, which happened between the
-    # times around each (the page's clock and ours agree to a few ms).
-    first, slack = played[0], 0.02
+    # times around each (the page's clock, performance.timeOrigin + now(), and ours agree to a few ms).
+    first, slack = played[0], 0.05
     assert before_down - clock - slack <= first["start"] <= after_down - clock + slack, (first, before_down - clock)
     assert before_up - after_down - slack <= first["duration"] <= after_up - before_down + slack, (
         first, before_up - after_down)
