@@ -31,6 +31,29 @@ def melody(notes: list[dict]) -> list[tuple]:
 FAST = 400  # bpm: the tests hear the stream at the fastest tempo allowed
 
 
+@contextlib.contextmanager
+def resumed_session(server, token: str, timeout: float = 30.0):
+    """A new connection holding the session of ``token``, and the server's ``session`` reply.
+
+    The server refuses the token while the session's old connection is still attached, and lets
+    that go only when it has handled the close, which a busy machine can delay past our reconnect:
+    a refusal is tried again until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with server.connect() as ws:
+            ws.send(json.dumps({"type": "start", "resume_token": token}))
+            reply = receive(ws)
+            while reply["type"] not in ("session", "error"):
+                reply = receive(ws)
+            if reply["type"] == "session":
+                yield ws, reply
+                return
+        assert reply["code"] == "unknown_resume_token", reply
+        assert time.monotonic() < deadline, f"the server still refuses the resume token after {timeout:g} s: {reply}"
+        time.sleep(0.05)
+
+
 def stream_of(server, count: int, **start) -> list[dict]:
     with server.connect() as ws:
         start_session(ws, **{"bpm": FAST, **start})
@@ -181,9 +204,7 @@ def test_a_dropped_session_resumes_without_losing_notes(live_server):
             elif message["type"] == "state":
                 break
     # the connection is gone; the session waits for its token
-    with live_server.connect() as ws:
-        ws.send(json.dumps({"type": "start", "resume_token": session["resume_token"]}))
-        again = receive_until(ws, "session")
+    with resumed_session(live_server, session["resume_token"]) as (ws, again):
         assert again["resumed"] and again["id"] == session["id"] and again["clock"] == session["clock"]
         assert receive_until(ws, "state")["state"] == "paused"
         ws.send(json.dumps({"type": "resume"}))
@@ -196,9 +217,7 @@ def test_an_abruptly_dropped_session_resumes_the_same_stream(live_server):
     with live_server.connect() as ws:
         session, _ = start_session(ws, seed=61, bpm=FAST)
         before = collect_notes(ws, 15)
-    with live_server.connect() as ws:
-        ws.send(json.dumps({"type": "start", "resume_token": session["resume_token"]}))
-        again = receive_until(ws, "session")
+    with resumed_session(live_server, session["resume_token"]) as (ws, again):
         assert again["resumed"] and again["id"] == session["id"]
         assert receive_until(ws, "state")["state"] == "playing"
         after = collect_notes(ws, 15)
