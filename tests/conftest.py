@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BACH = REPO.parent / "shared" / "data" / "bach_midi"
+TIMINGS = pytest.StashKey[list]()
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +87,35 @@ def bar_tokenizer():
     rests = [TokenKey(REST, -1, 5, c) for c in BAR_POSITIONS]
     bars = [TokenKey(BAR, 4, 4, 0), TokenKey(BAR, 3, 4, 0)]
     return Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + bars + rests + notes)
+
+
+# ----------------------------------------------------------------------------- timing figures
+def pytest_configure(config) -> None:
+    config.stash[TIMINGS] = []
+
+
+@pytest.fixture
+def timing_report(request):
+    """``timing_report(name, summary, **figures)``: records a test's timing figures, never asserted.
+
+    They go to ``tests/artifacts/<name>.json`` with a description of the machine (see
+    ``tests/timing.py``), into the test's ``user_properties`` (JUnit XML), to its captured output,
+    and into the "timing figures" section at the end of the run.
+    """
+    from tests.timing import write_figures
+
+    def report(name: str, summary: str, **figures) -> None:
+        path = write_figures(name, request.node.nodeid, summary, figures)
+        request.node.user_properties.append((name, summary))
+        request.config.stash[TIMINGS].append(f"{summary} [{path.relative_to(REPO)}]")
+        print(summary)
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    lines = config.stash.get(TIMINGS, [])
+    if lines:
+        terminalreporter.section("timing figures (recorded, not asserted)")
+        for line in lines:
+            terminalreporter.write_line(line)

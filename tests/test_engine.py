@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 
-import numpy as np
 import pytest
 
 from model.checkpoint.format import load_model
 from model.sampling.config import SamplingConfig
 from server.engine import Engine, StreamNote
 from model.timebase import Timeline
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_jobs_run_in_one_batch_and_free_their_rows(served):
             text = engine.metrics.render().decode()
             assert "fm_tokens_total 200.0" in text
             assert 'fm_batch_size_bucket{le="1.0"} 0.0' in text  # all four streams stepped together
-            await asyncio.sleep(0.05)
-            assert len(engine._free) == 8 and not engine.streams
+            await wait_until(lambda: len(engine._free) == 8 and not engine.streams, 10,
+                             lambda: f"the rows to be freed: {len(engine._free)} free, streams {list(engine.streams)}")
         finally:
             engine.close()
     asyncio.run(main())
@@ -88,7 +88,7 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
             stream = await engine.open(None, sampling=SamplingConfig(seed=3), timeline=Timeline(400), realtime=True,
                                        sink=received.extend, on_error=print)
             slab = (engine.field.shape, engine.logits.shape)
-            await asyncio.sleep(1.0)
+            await wait_until(lambda: len(received) >= 4, 30, lambda: f"generated notes: {len(received)} so far")
             position = int(engine.position[stream.slot])
             # common pitches on whole beats; the tiny model's vocabulary may still lack one of them
             beat = math.ceil(stream.frontier) + 1
@@ -99,8 +99,10 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
             # nothing it generated
             heard = engine.heard[stream.slot]
             assert heard.sum() == 4 - unknown and set(heard.nonzero().flatten().tolist()) <= {0, 2, 4, 7}
-            await asyncio.sleep(1.5)  # the played notes reach ~5 beats ahead: 0.75 s at 400 bpm
-            assert int(engine.position[stream.slot]) > position + tokens
+            # The stream reads the played tokens and generates past them (~5 beats ahead: 0.75 s at 400 bpm).
+            await wait_until(lambda: int(engine.position[stream.slot]) > position + tokens, 30,
+                             lambda: f"the stream to move past the played notes: position "
+                                     f"{int(engine.position[stream.slot])}, was {position} + {tokens} played tokens")
             assert (engine.field.shape, engine.logits.shape) == slab
             assert engine.state_bytes == engine.field.shape[1] * 4 + 8 + 12 * 4  # field, position, heard
             beats = [n.beat for n in received]

@@ -10,7 +10,6 @@ import json
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +19,6 @@ from server.config import ServerConfig
 from tests.fuzz_midi import HOSTILE
 from tests.server_harness import collect_notes, receive, receive_until, running_server, start_session
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 REFUSED = ["huge_delta", "late_note", "many_tracks", "zero_division", "smpte", "truncated_header"]
 READABLE = ["broken_key_signature", "zero_tempo", "huge_denominator", "tiny_bars", "declared_tracks"]
 
@@ -69,7 +67,7 @@ def hostile(name: str) -> bytes:
     return (HOSTILE / f"{name}.mid").read_bytes()
 
 
-def test_hostile_prompts_are_refused_while_another_session_streams(live_server):
+def test_hostile_prompts_are_refused_while_another_session_streams(live_server, timing_report):
     with Listener(live_server) as listener, httpx.Client(base_url=live_server.http_url, timeout=120) as http:
         began = time.monotonic()
         for name in REFUSED:
@@ -93,12 +91,11 @@ def test_hostile_prompts_are_refused_while_another_session_streams(live_server):
         assert huge.status_code == 400 and "max_beats" in huge.json()["detail"]
         gap = listener.longest_gap(began)
         assert listener.errors == [] and listener.arrivals[-1] > began  # it kept streaming throughout
-    ARTIFACTS.mkdir(exist_ok=True)
-    report = {"longest_gap_s": round(gap, 3), "lookahead_s": live_server.config.lookahead,
-              "hostile_files": REFUSED + READABLE}
-    (ARTIFACTS / "hostile_prompts.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nhostile prompts: longest gap between the streaming session's note messages {gap:.3f} s "
-          f"(lookahead {live_server.config.lookahead} s)")
+    timing_report("hostile_prompts", f"hostile prompts ({len(REFUSED)} refused kinds, {len(READABLE)} repaired, "
+                  f"through /generate and /ws): longest gap between a streaming session's note messages "
+                  f"{gap:.3f} s (lookahead {live_server.config.lookahead} s)",
+                  longest_gap_s=round(gap, 3), lookahead_s=live_server.config.lookahead,
+                  hostile_files=REFUSED + READABLE)
 
 
 MALFORMED = [

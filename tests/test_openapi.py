@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import urllib.request
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,

@@ -7,14 +7,19 @@ import contextlib
 import json
 import time
 import urllib.request
-from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from model.timebase import Timeline
+from server import session as session_module
 from server.config import ServerConfig
+from server.engine import StreamNote
+from server.session import SEND_WINDOW, Session
 from tests.midi_builders import build_midi
 from tests.server_harness import collect_notes, receive, receive_until, running_server, start_session
+from tests.timing import spread
 
 
 def melody(notes: list[dict]) -> list[tuple]:
@@ -24,31 +29,96 @@ def melody(notes: list[dict]) -> list[tuple]:
 FAST = 400  # bpm: the tests hear the stream at the fastest tempo allowed
 
 
+@contextlib.contextmanager
+def resumed_session(server, token: str, timeout: float = 30.0):
+    """A new connection holding the session of ``token``, and the server's ``session`` reply.
+
+    The server refuses the token while the session's old connection is still attached, and lets
+    that go only when it has handled the close, which a busy machine can delay past our reconnect:
+    a refusal is tried again until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with server.connect() as ws:
+            ws.send(json.dumps({"type": "start", "resume_token": token}))
+            reply = receive(ws)
+            while reply["type"] not in ("session", "error"):
+                reply = receive(ws)
+            if reply["type"] == "session":
+                yield ws, reply
+                return
+        assert reply["code"] == "unknown_resume_token", reply
+        assert time.monotonic() < deadline, f"the server still refuses the resume token after {timeout:g} s: {reply}"
+        time.sleep(0.05)
+
+
 def stream_of(server, count: int, **start) -> list[dict]:
     with server.connect() as ws:
         start_session(ws, **{"bpm": FAST, **start})
         return collect_notes(ws, count)
 
 
-def test_a_session_streams_timed_notes(live_server):
+def test_a_session_streams_timed_notes(live_server, timing_report):
     with live_server.connect() as ws:
+        asked = time.time()
         session, state = start_session(ws, bpm=FAST, seed=3)
+        answered = time.time()
         assert session["id"] and session["resume_token"] and not session["resumed"]
-        assert abs(session["clock"] - time.time()) < 5
+        # The clock is a unix time: session second 0 lies at most a lookahead after the answer.
+        assert asked <= session["clock"] <= answered + session["lookahead"], (asked, session, answered)
         assert state["state"] == "playing" and state["bpm"] == FAST and state["seed"] == 3
         arrivals = []
         while len(arrivals) < 30:
             message = receive(ws)
             if message["type"] == "notes":
                 arrivals += [(time.time(), n) for n in message["notes"]]
-    for arrived, note in arrivals:
+    headroom = [session["clock"] + note["start"] - arrived for arrived, note in arrivals]
+    for note in (n for _, n in arrivals):
         assert 0 <= note["pitch"] <= 127 and 1 <= note["velocity"] <= 127 and note["duration"] > 0
-        headroom = session["clock"] + note["start"] - arrived
-        assert headroom <= session["lookahead"] + 0.05, "a note left the server too early"
-        assert headroom > 0, "a note arrived after its start"
+    # A note never leaves the server more than a lookahead (and the few ms it groups notes by) before
+    # its start. A busy machine can only make it arrive later, which the headroom figures show and
+    # test_notes_leave_a_lookahead_before_their_start pins down on a fake clock.
+    assert max(headroom) <= session["lookahead"] + SEND_WINDOW + 0.001, "a note left the server too early"
     starts = [n["start"] for _, n in arrivals]
     assert starts == sorted(starts)
     assert starts[-1] > starts[0]
+    figures = {key: round(value, 4) for key, value in spread(headroom).items()}
+    timing_report("session_headroom",
+                  f"session headroom over {len(headroom)} notes at {FAST} bpm (lookahead {session['lookahead']} s): "
+                  f"min {min(headroom) * 1000:.0f} ms, p50 {figures['p50'] * 1000:.0f} ms, "
+                  f"{sum(h < 0 for h in headroom)} late",
+                  notes=len(headroom), bpm=FAST, lookahead_s=session["lookahead"], headroom_s={
+                      "min": round(min(headroom), 4), "p50": figures["p50"], "max": figures["max"]},
+                  late_notes=sum(h < 0 for h in headroom), headroom_each_s=[round(h, 4) for h in headroom])
+
+
+def test_notes_leave_a_lookahead_before_their_start(monkeypatch):
+    """On a fake clock: each note leaves the server a lookahead before its start (notes due within
+    SEND_WINDOW of each other in one frame), and a note whose time has passed still leaves."""
+    now = [1000.0]
+    monkeypatch.setattr(session_module, "time", SimpleNamespace(time=lambda: now[0]))
+    registry = SimpleNamespace(config=SimpleNamespace(lookahead=0.5))
+    session = Session(registry)
+    session.stream = SimpleNamespace(timeline=Timeline(120), clock=now[0] + 0.5, frontier=0.0, paused=False)
+    session.on_generated([StreamNote(beat, 0.5, 60 + i, 80, 0) for i, beat in enumerate((0, 1, 2, 2.005, 6))])
+    def leave(start: float) -> float:  # the unix time a note starting at ``start`` is due to leave
+        return session.stream.clock + start - 0.5
+
+    def due() -> tuple[list[float], float | None]:
+        notes, wait = session.due_notes()
+        return [n.start for n in notes], wait
+
+    notes, wait = due()
+    assert notes == [0.0] and wait == pytest.approx(0.5)
+    now[0] = leave(0.5) - 2 * SEND_WINDOW
+    notes, wait = due()
+    assert notes == [] and wait == pytest.approx(2 * SEND_WINDOW)
+    now[0] = leave(0.5)
+    assert due() == ([0.5], pytest.approx(0.5))
+    now[0] = leave(1.0)
+    assert due()[0] == [1.0, 1.0025]  # 2.5 ms apart: one frame
+    now[0] = leave(3.0) + 2.0  # the server fell two seconds behind: the note still leaves
+    assert due() == ([3.0], None)
 
 
 def test_seeds_differ_and_the_same_seed_reproduces(live_server):
@@ -132,9 +202,7 @@ def test_a_dropped_session_resumes_without_losing_notes(live_server):
             elif message["type"] == "state":
                 break
     # the connection is gone; the session waits for its token
-    with live_server.connect() as ws:
-        ws.send(json.dumps({"type": "start", "resume_token": session["resume_token"]}))
-        again = receive_until(ws, "session")
+    with resumed_session(live_server, session["resume_token"]) as (ws, again):
         assert again["resumed"] and again["id"] == session["id"] and again["clock"] == session["clock"]
         assert receive_until(ws, "state")["state"] == "paused"
         ws.send(json.dumps({"type": "resume"}))
@@ -147,9 +215,7 @@ def test_an_abruptly_dropped_session_resumes_the_same_stream(live_server):
     with live_server.connect() as ws:
         session, _ = start_session(ws, seed=61, bpm=FAST)
         before = collect_notes(ws, 15)
-    with live_server.connect() as ws:
-        ws.send(json.dumps({"type": "start", "resume_token": session["resume_token"]}))
-        again = receive_until(ws, "session")
+    with resumed_session(live_server, session["resume_token"]) as (ws, again):
         assert again["resumed"] and again["id"] == session["id"]
         assert receive_until(ws, "state")["state"] == "playing"
         after = collect_notes(ws, 15)

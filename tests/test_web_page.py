@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,12 +20,12 @@ import mido
 import pytest
 
 from tests.midi_builders import build_midi
+from tests.timing import ARTIFACTS
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--autoplay-policy=no-user-gesture-required"]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
@@ -97,6 +98,23 @@ def page(browser, live_server):
     assert not under_test.outside_requests(), under_test.outside_requests()
 
 
+WALL_NOW = "(performance.timeOrigin + performance.now()) / 1000"  # the page's wallNow(), in unix seconds
+
+
+def record_scheduling(pg) -> None:
+    """Wraps the synth's ``schedule`` so the test sees, per server note, how far ahead of its start
+    it arrived (negative: late) and whether it was scheduled or dropped as already over."""
+    pg.evaluate(f"""() => {{
+        const synth = window.fm.synth, schedule = synth.schedule.bind(synth);
+        window.fmScheduled = [];
+        synth.schedule = (note) => {{
+            const lead = note.t - {WALL_NOW}, scheduled = schedule(note);
+            window.fmScheduled.push({{lead, duration: note.d, scheduled}});
+            return scheduled;
+        }};
+    }}""")
+
+
 def canvas_ink(pg) -> int:
     """Pixels of the piano roll that are bright (notes, playhead, keys) rather than background."""
     return pg.evaluate("""() => {
@@ -120,12 +138,18 @@ def test_page_loads_offline_with_its_controls(page):
     assert not page.outside_requests()
 
 
-def test_stream_is_drawn_scheduled_and_shown(page):
+def test_stream_is_drawn_scheduled_and_shown(page, timing_report):
     pg = page.page
     idle_ink = canvas_ink(pg)
+    record_scheduling(pg)
     page.start(notes=24)
-    pg.wait_for_timeout(1500)  # let the earliest notes reach the playhead
-    stats = page.stats()
+    # the earliest notes reach the playhead, and the roll draws them
+    pg.wait_for_function(f"window.fm.roll.notes.some(n => !n.played && n.t <= {WALL_NOW})", timeout=30_000)
+    deadline = time.monotonic() + 30
+    while canvas_ink(pg) <= idle_ink + 200:
+        assert time.monotonic() < deadline, "the piano roll drew no notes"
+        pg.wait_for_timeout(50)
+    stats, scheduled = pg.evaluate("() => [window.fm.stats, window.fmScheduled]")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "web_page_stream.png"
     pg.screenshot(path=str(shot))
@@ -133,15 +157,27 @@ def test_stream_is_drawn_scheduled_and_shown(page):
 
     received = sum(len(m["notes"]) for m in page.received if m["type"] == "notes")
     assert stats["received"] >= 24 and stats["received"] <= received
-    assert stats["scheduled"] >= stats["received"], stats
-    assert stats["dropped"] == 0, stats
-    assert canvas_ink(pg) > idle_ink + 200, "the piano roll drew no notes"
-    audio = pg.evaluate("""async () => {
-        const c = window.fm.synth.ctx, t0 = c.currentTime;
-        await new Promise(r => setTimeout(r, 300));
-        return [c.state, c.currentTime - t0];
-    }""")
-    assert audio[0] == "running" and audio[1] > 0.1, audio
+    # Every note that came went to the synth, and the ones that arrived in time (a tenth of a second
+    # before their start: the audio clock runs a little behind the wall clock) were all scheduled.
+    # Only a note that arrived after it was over may be dropped: a busy machine can make one late,
+    # which the headroom figures show.
+    assert len(scheduled) == stats["received"] and stats["scheduled"] == sum(s["scheduled"] for s in scheduled)
+    assert stats["dropped"] == len(scheduled) - stats["scheduled"], stats
+    on_time_dropped = [s for s in scheduled if s["lead"] > 0.1 and not s["scheduled"]]
+    assert not on_time_dropped, f"notes that arrived in time were dropped: {on_time_dropped}"
+    leads = [s["lead"] for s in scheduled]
+    timing_report("web_page_headroom",
+                  f"web page headroom over {len(leads)} notes: min {min(leads) * 1000:.0f} ms, "
+                  f"p50 {statistics.median(leads) * 1000:.0f} ms, {sum(x < 0 for x in leads)} late, "
+                  f"{stats['dropped']} dropped as over",
+                  notes=len(leads), late=sum(x < 0 for x in leads), dropped=stats["dropped"],
+                  headroom_s={"min": round(min(leads), 4), "p50": round(statistics.median(leads), 4),
+                              "max": round(max(leads), 4)},
+                  headroom_each_s=[round(x, 4) for x in leads])
+    # The audio clock runs.
+    t0 = pg.evaluate("() => window.fm.synth.ctx.currentTime")
+    pg.wait_for_function("t0 => window.fm.synth.ctx.currentTime - t0 > 0.1", arg=t0, timeout=30_000)
+    assert pg.evaluate("() => window.fm.synth.ctx.state") == "running"
     assert pg.inner_text("#status-text").startswith("playing")
     assert pg.inner_text("#stat-notes").endswith("notes") and pg.inner_text("#stat-notes") != "0 notes"
     assert "headroom" in pg.inner_text("#stat-headroom")
@@ -165,19 +201,26 @@ def test_typed_keys_sound_at_once_and_go_to_the_session(page):
     pg = page.page
     page.start(notes=1)
     clock = next(m for m in page.received if m["type"] == "session")["clock"]
-    pressed = time.time()
+    pg.wait_for_function(f"{WALL_NOW} > {clock} + 0.1")  # play after session time 0
+    before_down = time.time()
     pg.keyboard.down("a")
-    pg.wait_for_timeout(200)
-    assert page.stats()["live"] == 1, "a key held on the keyboard is not sounding"
+    pg.wait_for_function("window.fm.stats.live === 1")  # the key sounds while it is held
+    after_down = time.time()
     assert pg.locator('#keys .key[data-pitch="60"].pressed').count() == 1
+    pg.wait_for_timeout(200)  # holding the key
+    before_up = time.time()
     pg.keyboard.up("a")
     pg.keyboard.press("h")  # A4
     pg.wait_for_function("window.fm.stats.sent >= 2")
+    after_up = time.time()
     played = [n for m in page.sent_of("notes") for n in m["notes"]]
     assert [n["pitch"] for n in played] == [60, 69]
-    first = played[0]
-    assert first["start"] == pytest.approx(pressed - clock, abs=0.5)
-    assert 0.15 < first["duration"] < 1.0
+    # The page stamps the key's press and release when it handles them, which happened between the
+    # times around each (the page's clock, performance.timeOrigin + now(), and ours agree to a few ms).
+    first, slack = played[0], 0.05
+    assert before_down - clock - slack <= first["start"] <= after_down - clock + slack, (first, before_down - clock)
+    assert before_up - after_down - slack <= first["duration"] <= after_up - before_down + slack, (
+        first, before_up - after_down)
     assert pg.evaluate("() => window.fm.roll.notes.filter(n => n.played).length") == 2
 
 
@@ -198,7 +241,13 @@ def test_download_is_a_midi_file_of_the_session(page, tmp_path):
     page.start(notes=16)
     pg.keyboard.press("d")  # E4, played
     pg.wait_for_function("window.fm.stats.sent >= 1")
-    pg.wait_for_timeout(1000)  # the notes that have arrived reach the playhead
+    # Ten of the notes that have arrived have sounded, and what has sounded spans over a second.
+    pg.wait_for_function(f"""() => {{
+        const now = {WALL_NOW};
+        const sounded = window.fm.roll.notes.filter(n => n.played || n.t <= now);
+        const span = Math.max(...sounded.map(n => n.t + (n.d || 0))) - Math.min(...sounded.map(n => n.t));
+        return sounded.filter(n => !n.played).length >= 10 && span > 1;
+    }}""", timeout=60_000)
     pg.click("#start")  # Stop: the session so far is now fixed
     pg.wait_for_function("window.fm.session === null")
     with pg.expect_download() as info:
