@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from server.config import ServerConfig
 from tests.fuzz_midi import HOSTILE
 from tests.server_harness import collect_notes, receive, receive_until, running_server, start_session
+from tests.waiting import wait_for
 
 REFUSED = ["huge_delta", "late_note", "many_tracks", "zero_division", "smpte", "truncated_header"]
 READABLE = ["broken_key_signature", "zero_tempo", "huge_denominator", "tiny_bars", "declared_tracks"]
@@ -35,10 +36,7 @@ class Listener:
 
     def __enter__(self) -> "Listener":
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while len(self.arrivals) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.arrivals) >= 3, "the listening session did not start streaming"
+        wait_for(lambda: len(self.arrivals) >= 3, 60, "the listening session to start streaming")
         return self
 
     def __exit__(self, *exc) -> None:
