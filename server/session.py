@@ -429,8 +429,11 @@ class Connection:
                     if late:
                         self.metrics.late_notes.inc(late)
                     continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(session.wake.wait(), timeout=wait)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+            # cancelled in the same turn as the event is set, and this task would then never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await session.wake.wait()
 
     async def stop_sender(self) -> None:
         if self.sender is not None:

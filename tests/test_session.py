@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -17,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from server import session as session_module
 from server.config import ServerConfig
 from server.engine import GeneratedNote
-from server.session import SEND_WINDOW, Session
+from server.session import SEND_WINDOW, Connection, Session
 from server.timeline import Timeline
 from tests.midi_builders import build_midi
 from tests.server_harness import collect_notes, receive, receive_until, running_server, start_session
@@ -254,6 +255,29 @@ def test_a_prompt_file_starts_the_session(live_server):
         notes = [{"pitch": 60 + i, "start": i * 0.5, "duration": 0.5} for i in range(8)]
         start_session(ws, prompt_notes=notes, seed=1, bpm=FAST)
         assert collect_notes(ws, 5)
+
+
+def test_a_sender_cancelled_as_it_is_woken_still_ends():
+    """The connection's note sender, cancelled (the socket closed) in the turn a pause wakes it,
+    ends. If it went on waiting, the closed connection would never let its session go, and the
+    session could not be resumed (seen as test_a_dropped_session_resumes_without_losing_notes
+    timing out)."""
+    async def main() -> bool:
+        registry = SimpleNamespace(config=SimpleNamespace(lookahead=0.5), metrics=SimpleNamespace())
+        session = Session(registry)
+        session.stream = SimpleNamespace(timeline=Timeline(120), clock=time.time(), frontier=0.0, paused=False)
+        session.on_generated([GeneratedNote(100.0, 1.0, 60, 80, 0)])  # due to leave in ~50 s
+        connection = Connection(SimpleNamespace(), registry)
+        connection.session = session
+        sender = asyncio.create_task(connection.send_notes())
+        await asyncio.sleep(0.01)  # the sender waits for that note's time
+        session.set_running(False)  # a pause wakes it...
+        await asyncio.sleep(0)
+        sender.cancel()  # ...and the socket closes before it has run
+        done, _ = await asyncio.wait({sender}, timeout=5)
+        return bool(done)
+
+    assert asyncio.run(main()), "the cancelled sender is still waiting"
 
 
 BAD_FRAMES = [
