@@ -9,7 +9,6 @@ import json
 import time
 import urllib.request
 from dataclasses import replace
-
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +75,7 @@ def test_a_session_streams_timed_notes(live_server, timing_report):
             if message["type"] == "notes":
                 arrivals += [(time.time(), n) for n in message["notes"]]
     headroom = [session["clock"] + note["start"] - arrived for arrived, note in arrivals]
-    for note in (n for _, n in arrivals):
+    for _, note in arrivals:
         assert 0 <= note["pitch"] <= 127 and 1 <= note["velocity"] <= 127 and note["duration"] > 0
     # A note never leaves the server more than a lookahead (and the few ms it groups notes by) before
     # its start. A busy machine can only make it arrive later, which the headroom figures show and
@@ -104,6 +103,7 @@ def test_notes_leave_a_lookahead_before_their_start(monkeypatch):
     session = Session(registry)
     session.stream = SimpleNamespace(timeline=Timeline(120), clock=now[0] + 0.5, frontier=0.0, paused=False)
     session.on_generated([GeneratedNote(beat, 0.5, 60 + i, 80, 0) for i, beat in enumerate((0, 1, 2, 2.005, 6))])
+
     def leave(start: float) -> float:  # the unix time a note starting at ``start`` is due to leave
         return session.stream.clock + start - 0.5
 
