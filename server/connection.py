@@ -345,8 +345,11 @@ class Connection:
                         (self.metrics.late_notes_slow_client if slow_client else self.metrics.late_notes).inc(late)
                     slow_client = time.time() - began > SLOW_SEND_SECONDS
                     continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(session.wake.wait(), timeout=wait)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+            # cancelled in the same turn as the event is set, and this task would then never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await session.wake.wait()
 
     async def stop_sender(self) -> None:
         if self.sender is not None:

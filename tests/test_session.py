@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -15,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from model.timebase import Timeline
 from server import session as session_module
 from server.config import ServerConfig
+from server.connection import Connection
 from server.engine import StreamNote
 from server.session import SEND_WINDOW, Session
 from tests.midi_builders import build_midi
@@ -73,7 +75,7 @@ def test_a_session_streams_timed_notes(live_server, timing_report):
             if message["type"] == "notes":
                 arrivals += [(time.time(), n) for n in message["notes"]]
     headroom = [session["clock"] + note["start"] - arrived for arrived, note in arrivals]
-    for note in (n for _, n in arrivals):
+    for _, note in arrivals:
         assert 0 <= note["pitch"] <= 127 and 1 <= note["velocity"] <= 127 and note["duration"] > 0
     # A note never leaves the server more than a lookahead (and the few ms it groups notes by) before
     # its start. A busy machine can only make it arrive later, which the headroom figures show and
@@ -101,6 +103,7 @@ def test_notes_leave_a_lookahead_before_their_start(monkeypatch):
     session = Session(registry)
     session.stream = SimpleNamespace(timeline=Timeline(120), clock=now[0] + 0.5, frontier=0.0, paused=False)
     session.on_generated([StreamNote(beat, 0.5, 60 + i, 80, 0) for i, beat in enumerate((0, 1, 2, 2.005, 6))])
+
     def leave(start: float) -> float:  # the unix time a note starting at ``start`` is due to leave
         return session.stream.clock + start - 0.5
 
@@ -252,6 +255,29 @@ def test_a_prompt_file_starts_the_session(live_server):
         notes = [{"pitch": 60 + i, "start": i * 0.5, "duration": 0.5} for i in range(8)]
         start_session(ws, prompt_notes=notes, seed=1, bpm=FAST)
         assert collect_notes(ws, 5)
+
+
+def test_a_sender_cancelled_as_it_is_woken_still_ends():
+    """The connection's note sender, cancelled (the socket closed) in the turn a pause wakes it,
+    ends. If it went on waiting, the closed connection would never let its session go, and the
+    session could not be resumed (seen as test_a_dropped_session_resumes_without_losing_notes
+    timing out)."""
+    async def main() -> bool:
+        registry = SimpleNamespace(config=ServerConfig(lookahead=0.5), metrics=SimpleNamespace())
+        session = Session(registry)
+        session.stream = SimpleNamespace(timeline=Timeline(120), clock=time.time(), frontier=0.0, paused=False)
+        session.on_generated([StreamNote(100.0, 1.0, 60, 80, 0)])  # due to leave in ~50 s
+        connection = Connection(SimpleNamespace(), registry)
+        connection.session = session
+        sender = asyncio.create_task(connection.send_notes())
+        await asyncio.sleep(0.01)  # the sender waits for that note's time
+        session.set_running(False)  # a pause wakes it...
+        await asyncio.sleep(0)
+        sender.cancel()  # ...and the socket closes before it has run
+        done, _ = await asyncio.wait({sender}, timeout=5)
+        return bool(done)
+
+    assert asyncio.run(main()), "the cancelled sender is still waiting"
 
 
 BAD_FRAMES = [
