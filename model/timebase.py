@@ -38,10 +38,6 @@ def ticks_from_beats(beats: float, ticks_per_beat: int = TICKS_PER_BEAT) -> int:
     return round(beats * ticks_per_beat)
 
 
-def seconds_per_beat(bpm: float) -> float:
-    return 60.0 / bpm
-
-
 def beats_from_seconds(seconds: float, bpm: float) -> float:
     return seconds * bpm / 60.0
 

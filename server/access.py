@@ -21,7 +21,7 @@ import json
 from urllib.parse import parse_qs, urlsplit
 
 from server.config import ServerConfig
-from server.protocol import ErrorCode
+from server.protocol import ErrorCode, error_response
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")  # besides the page's files
 PAGE_PREFIXES = ("/js/", "/vendor/")
@@ -47,7 +47,9 @@ class AccessGuard:
         if refusal is None:
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
-            await _http_error(send, *refusal)
+            status, code, message = refusal
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            await error_response(status, code, message, headers)(scope, receive, send)
         else:
             await _websocket_error(receive, send, *refusal)
 
@@ -102,13 +104,6 @@ def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path in PAGE_FILES or path.startswith(PAGE_PREFIXES)
 
 
-async def _http_error(send, status: int, code: ErrorCode, message: str) -> None:
-    body = json.dumps({"code": code.value, "detail": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _websocket_error(receive, send, status: int, code: ErrorCode, message: str) -> None:

@@ -28,7 +28,7 @@ from server.metrics import Metrics
 from server.prompts import PromptReader
 from server.openapi import (GENERATE_RESPONSES, HEALTH_RESPONSES, METRICS_RESPONSES, generate_operation,
                             install)
-from server.protocol import ErrorCode, HealthReply
+from server.protocol import ErrorCode, HealthReply, error_response
 from server.served_model import ServedModel
 from server.session import SessionRegistry
 
@@ -70,20 +70,17 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.INVALID_MESSAGE}.get(exc.status_code, ErrorCode.INVALID_MESSAGE)
-        return JSONResponse({"code": code.value, "detail": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"code": ErrorCode.INVALID_MESSAGE.value, "detail": str(exc.errors()[:5])},
-                            status_code=422)
+        return error_response(422, ErrorCode.INVALID_MESSAGE, str(exc.errors()[:5]))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("%s %s failed", request.method, request.url.path)
         metrics.errors.labels(code=ErrorCode.INTERNAL_ERROR.value).inc()
-        return JSONResponse({"code": ErrorCode.INTERNAL_ERROR.value, "detail": f"the server failed: {exc}"},
-                            status_code=500)
+        return error_response(500, ErrorCode.INTERNAL_ERROR, f"the server failed: {exc}")
 
     @app.get("/health", summary="Is the model loaded and the engine running?", responses=HEALTH_RESPONSES)
     async def health(request: Request) -> JSONResponse:

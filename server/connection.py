@@ -37,7 +37,7 @@ from model.timebase import Timeline
 from server.engine import EngineClosed, EngineFull, StreamNote
 from server.protocol import (CLIENT_TYPES, ErrorCode, ErrorReply, NotesMessage, NotesReply, PauseMessage,
                              RequestError, ResumeMessage, SessionReply, SetMessage, StartMessage, StopMessage,
-                             StoppedReply, client_message_adapter, format_validation_error)
+                             StoppedReply, client_address, client_message_adapter, format_validation_error)
 from server.session import Session, SessionRegistry
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class Connection:
         if registry.full:
             await self.refuse_full()
             return
-        client = self.ws.client.host if self.ws.client else ""
+        client = client_address(self.ws)
         if registry.full_for(client):
             await self.refuse_full(per_client=True)
             return

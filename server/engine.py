@@ -390,7 +390,7 @@ class Engine:
         them back. If the step fails, each stream is stepped alone and only the ones that fail
         alone fail (a bad value fails its own stream, never its neighbours'); returns the results
         of the streams that stepped, in ``batch`` order (None: none did)."""
-        saved = [s.decoder.copy() for s in batch]
+        saved = [s.decoder.copy() for s in batch] if len(batch) > 1 else []  # to retry each alone
         try:
             return self._advance(batch)
         except Exception as exc:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from model.midi.score import Note, Score, TempoChange, TimeSignature
@@ -33,8 +33,8 @@ from server.config import ServerConfig
 from server.engine import Engine, EngineClosed, EngineFull, Stream, StreamNote
 from server.metrics import Metrics
 from server.prompts import PromptReader
-from server.protocol import (MAX_GENERATE_TOKENS, ErrorCode, GenerateRequest, RequestError,
-                             format_validation_error)
+from server.protocol import (MAX_GENERATE_TOKENS, ErrorCode, GenerateRequest, RequestError, client_address,
+                             error_response, format_validation_error)
 
 MAX_GENERATE_JOBS = 16
 HTTP_STATUS = {ErrorCode.TOO_LARGE: 413, ErrorCode.SERVER_FULL: 503, ErrorCode.GENERATION_FAILED: 500,
@@ -60,11 +60,10 @@ class GenerateJobs:
             req, upload = await read_request(request, self.config.max_upload_bytes)
             prompt = await self.prompts.read(req, req, self.config.max_upload_bytes, upload)
             sampling = req.applied_to(SamplingConfig())
-            notes, stream = await self.run(prompt.tokens, sampling, prompt.bpm, req.tokens, _client(request))
+            notes, stream = await self.run(prompt.tokens, sampling, prompt.bpm, req.tokens, client_address(request))
         except RequestError as exc:
             self.metrics.errors.labels(code=exc.code.value).inc()
-            return JSONResponse({"code": exc.code.value, "detail": exc.message},
-                                status_code=HTTP_STATUS.get(exc.code, 400))
+            return error_response(HTTP_STATUS.get(exc.code, 400), exc.code, exc.message)
         data = continuation_midi(notes, stream, prompt.tokens if req.include_prompt else None, self.tokenizer,
                                  prompt.bpm)
         name = f"fm-seed{sampling.seed}-{req.tokens}tok.mid"
@@ -111,10 +110,6 @@ class GenerateJobs:
                 with contextlib.suppress(EngineClosed):
                     await self.engine.release(stream)
         return notes, stream
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client else ""
 
 
 async def read_request(request: Request, limit: int) -> tuple[GenerateRequest, bytes | None]:

@@ -12,7 +12,9 @@ from dataclasses import fields, replace
 from enum import StrEnum
 from typing import Annotated, Literal, Union
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from starlette.requests import HTTPConnection
 
 from model.sampling.config import SETTING_RANGES, SamplingConfig
 
@@ -215,6 +217,17 @@ class ErrorBody(BaseModel):
 
     code: ErrorCode
     detail: str
+
+
+def error_response(status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The HTTP answer for an error: ``{"code", "detail"}`` (:class:`ErrorBody`) with ``status``."""
+    return JSONResponse(ErrorBody(code=code, detail=detail).model_dump(mode="json"), status_code=status,
+                        headers=headers)
+
+
+def client_address(connection: HTTPConnection) -> str:
+    """The address a request or WebSocket came from (per-client limits); empty when unknown."""
+    return connection.client.host if connection.client else ""
 
 
 class HealthReply(BaseModel):

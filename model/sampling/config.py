@@ -60,7 +60,7 @@ def _setting(default, help_text: str, allowed: Range):
 @dataclass(frozen=True)
 class SamplingConfig:
     """How one stream samples. The single source of truth for the sampling defaults and ranges
-    (``metadata["range"]`` of each field; :func:`check_setting` validates one value)."""
+    (``metadata["range"]`` of each field, also in :data:`SETTING_RANGES`)."""
 
     temperature: float = _setting(0.85, "Softmax temperature; lower is sharper:", Range(MIN_TEMPERATURE, 10))
     top_k: int = _setting(50, "Keep the k most likely tokens:", Range(0, 100_000, integer=True, note="0 = off"))
@@ -81,7 +81,3 @@ class SamplingConfig:
 
 SETTING_RANGES: dict[str, Range] = {f.name: f.metadata["range"] for f in fields(SamplingConfig)}
 
-
-def check_setting(name: str, value: object) -> None:
-    """Raise ``ValueError`` (the message a client sees) unless ``value`` is allowed for ``name``."""
-    SETTING_RANGES[name].check(name, value)
