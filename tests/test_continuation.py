@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.evaluation.continuation import (continuation_metrics, distinctness, js_distance, longest_repeat, pitch_class_histogram, prompt_fidelity, seed_spread)
+from model.evaluation.continuation import (continuation_metrics, continue_pieces, decode_after, distinctness,
+                                           format_metrics, generate_batch, js_distance, longest_repeat,
+                                           pitch_class_histogram, prompt_fidelity, seed_spread)
 from model.fm.config import ModelConfig
 from model.fm.machine import FieldMachine
-from model.generation.generator import BatchGenerator
+from model.generation.generator import BatchGenerator, StreamStep
 from model.sampling.config import SamplingConfig
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.tokenizer import Tokenizer
@@ -76,10 +78,14 @@ def test_seed_spread_and_longest_repeat():
     assert longest_repeat(np.array([3, 3, 4, 4, 4, 2])) == 3 and longest_repeat(a) == 1
 
 
-def test_continuation_metrics_on_a_model(tokenizer):
+def untrained(tokenizer: Tokenizer) -> FieldMachine:
     torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32,
-                                     dropout=0.0, decays="0,8")).eval()
+    return FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32,
+                                    dropout=0.0, decays="0,8")).eval()
+
+
+def test_continuation_metrics_on_a_model(tokenizer):
+    model = untrained(tokenizer)
     sequences = [TokenSequence(p, np.full(len(p), 4), np.zeros(len(p), np.int64)) for p in pieces(tokenizer)]
     m = continuation_metrics(BatchGenerator(model, tokenizer), sequences, 4, prompt_tokens=12, tokens=20,
                              sampling=SamplingConfig(key_pull=0.0), progress=False)  # the model alone
@@ -90,8 +96,68 @@ def test_continuation_metrics_on_a_model(tokenizer):
     assert m["distinctness"] < 0.5 and m["seed_spread"] > 0.5
     assert m["real_on_grid"] == 1.0 and m["real_longest_repeat"] == 1
     assert m["real_notes_per_second"] == pytest.approx(2.0)  # one note a beat at 120 bpm
+    # one voice at one loudness, one note at a time
+    assert m["real_voices_used"] == 1 and m["real_busiest_voice_share"] == 1 and m["real_velocities_used"] == 1
+    assert m["real_notes_per_onset"] == 1 and m["real_notes_per_onset_distribution"]["1"] == 1
+    assert m["real_voice_crossing"] == 0 and m["real_key_correlation"] > 0.3  # each piece keeps its scale
+    for key in MUSIC_KEYS:
+        assert isinstance(m[key], (int, float)) and isinstance(m[f"real_{key}"], (int, float)), key
     with pytest.raises(ValueError, match="long enough"):
         continuation_metrics(BatchGenerator(model, tokenizer), sequences, 4, prompt_tokens=40, tokens=20)
+
+
+MUSIC_KEYS = ("voices_used", "busiest_voice_share", "mean_melodic_move", "step_share", "notes_per_onset",
+              "velocities_used", "key_correlation", "voice_crossing")
+
+
+class ChoosingGenerator(BatchGenerator):
+    """Reports each step's voice as its token id mod 3 and its velocity level as the id mod 5, so a
+    test knows what the generator chose (whatever the model's heads would pick)."""
+
+    def advance(self, *args, **kwargs) -> tuple[list[StreamStep], object, object]:
+        results, state, out = super().advance(*args, **kwargs)
+        for r in results:
+            r.voice, r.velocity = r.token % 3, r.token % 5
+        return results, state, out
+
+
+def test_generated_continuations_keep_the_voices_and_velocities_the_generator_chose(tokenizer):
+    sequences = [TokenSequence(p, np.full(len(p), 4), np.zeros(len(p), np.int64)) for p in pieces(tokenizer)]
+    generator = ChoosingGenerator(untrained(tokenizer), tokenizer)
+    prompts = [TokenSequence(s.ids[:12], s.velocity[:12], s.voice[:12]) for s in sequences[:2]]
+    for g in generate_batch(generator, prompts, 20, SamplingConfig(key_pull=0.0), progress=False):
+        assert len(g) == 20 and list(g.voice) == list(g.ids % 3) and list(g.velocity) == list(g.ids % 5)
+    run = continue_pieces(generator, sequences, 3, prompt_tokens=12, tokens=20,
+                          sampling=SamplingConfig(key_pull=0.0), progress=False)
+    levels = tokenizer.config.velocity_levels
+    for piece in run.pieces:
+        played = [t for t in piece.generated.ids.tolist() if tokenizer.vocab[t].kind == NOTE]
+        assert [n.voice for n in piece.generated_notes] == [t % 3 for t in played]
+        assert [n.velocity for n in piece.generated_notes] == [levels[t % 5] for t in played]
+
+
+def test_real_continuations_are_decoded_with_their_voices_and_velocities(tokenizer):
+    """Notes alternating between two voices and cycling through three loudnesses."""
+    sequences = [TokenSequence(p, np.arange(len(p)) % 3 + 2, np.arange(len(p)) % 2) for p in pieces(tokenizer)]
+    run = continue_pieces(BatchGenerator(untrained(tokenizer), tokenizer), sequences, 2, prompt_tokens=12,
+                          tokens=20, progress=False)
+    piece = run.pieces[1]
+    assert piece.index == 1 and len(piece.real_notes) == 16  # 20 tokens: 4 bar lines, 16 notes
+    assert decode_after(tokenizer, piece.prompt, piece.real) == piece.real_notes
+    assert {n.voice for n in piece.real_notes} == {0, 1}
+    assert {n.velocity for n in piece.real_notes} == {48, 64, 80}
+    assert piece.real_notes[0].onset > piece.prompt_notes[-1].onset  # on the prompt's timeline
+
+
+def test_format_metrics_shows_generated_and_real_music_figures(tokenizer):
+    m = continuation_metrics(BatchGenerator(untrained(tokenizer), tokenizer),
+                             [TokenSequence(p, np.full(len(p), 4), np.zeros(len(p), np.int64))
+                              for p in pieces(tokenizer)], 2, prompt_tokens=12, tokens=20, progress=False)
+    table = format_metrics(m)
+    for key in MUSIC_KEYS:
+        row = next(r for r in table.splitlines() if r.startswith(key))
+        assert row.split()[1:] == [f"{m[key]:.3f}", f"{m['real_' + key]:.3f}"], row
+    assert "real      1:1.00 2:0.00 3:0.00 4:0.00 5+:0.00" in table
 
 
 def test_evaluate_reports_continuations_in_json(tiny_run):
@@ -105,8 +171,9 @@ def test_evaluate_reports_continuations_in_json(tiny_run):
     # the scored-token count is not overwritten by the continuation length
     assert report["tokens"] > 24 * 3
     for key in ("distinctness", "prompt_fidelity", "seed_spread", "on_grid", "notes_per_second",
-                "longest_repeat"):
+                "longest_repeat", *MUSIC_KEYS, *(f"real_{k}" for k in MUSIC_KEYS)):
         assert isinstance(report[key], (int, float)), key
+    assert set(report["notes_per_onset_distribution"]) == {"1", "2", "3", "4", "5+"}
     table = run_module("model.evaluate", "--checkpoint", str(tiny_run / "best"), "--midi_dir", midi_dir,
                        "--continuations", "3", "--prompt_tokens", "16", "--continuation_tokens", "24")
-    assert "distinctness" in table.stdout and "seed_spread" in table.stdout
+    assert "distinctness" in table.stdout and "seed_spread" in table.stdout and "voice_crossing" in table.stdout

@@ -16,6 +16,14 @@ Take N held-out pieces, use the first ``prompt_tokens`` tokens of each as a prom
   share of notes whose onset lies on the sixteenth-note grid; ``notes_per_second`` at 120 beats
   per minute, from the first note's onset to the last note's end; ``longest_repeat``, the longest run of one
   token repeated back to back (the longest of the N).
+* what a listener hears, for the generated and (``real_*``) the real continuations: voices,
+  melodic moves, notes per onset, velocities, key and voice crossing (:mod:`.music`).
+
+Both continuations are decoded into notes the same way (:func:`decode_after`: each token with its
+velocity level and voice, after the prompt), so every note figure compares like with like.
+:func:`continue_pieces` keeps the prompts, continuations and notes per piece
+(:class:`Continuations`) for :func:`summarize` and for drawing (:mod:`.piano_roll`);
+:func:`continuation_metrics` does both steps.
 
 Every stream samples with the same settings and seed, so the continuations differ only through
 their prompts (a model that ignores its prompt, e.g. an untrained one with flat logits, scores
@@ -27,18 +35,19 @@ reference's), all N streams stepped together in one batch.
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.evaluation.music import ONSET_SIZES, music_figures
 from model.generation.generator import BatchGenerator, decoder_for, with_bos
 from model.generation.key_pull import heard_counts, note_pitch_classes
 from model.sampling.config import SamplingConfig
 from model.timebase import seconds_from_beats
 from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.stream import DecodedNote
 from model.tokenizer.tokenizer import Tokenizer
 
 BPM = 120.0  # tokens carry no tempo: notes per second are counted at 120 beats a minute
@@ -96,25 +105,31 @@ def longest_repeat(ids: np.ndarray) -> int:
     return best
 
 
-def rhythm(prompt: TokenSequence, ids: np.ndarray, tokenizer: Tokenizer) -> tuple[int, int, float]:
-    """(notes, notes on the sixteenth grid, beats from the first onset to the last note's end) of
-    ``ids`` played after ``prompt``."""
+def decode_after(tokenizer: Tokenizer, prompt: TokenSequence | None,
+                 continuation: TokenSequence) -> list[DecodedNote]:
+    """The notes of ``continuation`` (each token with its velocity level and voice) played after
+    ``prompt`` (``None``: from the start), timed on the prompt's timeline."""
     decoder = decoder_for(tokenizer, with_bos(prompt))
+    pushed = map(decoder.push, continuation.ids.tolist(), continuation.velocity.tolist(),
+                 continuation.voice.tolist())
+    return [note for note in pushed if note is not None]
+
+
+def rhythm(notes: list[DecodedNote], tokenizer: Tokenizer) -> tuple[int, int, float]:
+    """(notes, notes on the sixteenth grid, beats from the first onset to the last note's end)."""
+    if not notes:
+        return 0, 0, 0.0
     sixteenth = max(1, tokenizer.config.grid_per_beat // 4)
-    notes = on_grid = 0
-    first, last = math.inf, -math.inf
-    for t in np.asarray(ids).tolist():
-        note = decoder.push(int(t))
-        if note is not None:
-            notes += 1
-            on_grid += note.position % sixteenth == 0
-            first, last = min(first, note.onset), max(last, note.onset + note.duration)
-    return notes, on_grid, tokenizer.timebase.beats_from_steps(last - first) if notes else 0.0
+    on_grid = sum(note.position % sixteenth == 0 for note in notes)
+    first = min(note.onset for note in notes)
+    last = max(note.onset + note.duration for note in notes)
+    return len(notes), on_grid, tokenizer.timebase.beats_from_steps(last - first)
 
 
 def generate_batch(generator: BatchGenerator, prompts: list[TokenSequence], tokens: int,
-                   sampling: SamplingConfig, progress: bool = True) -> list[np.ndarray]:
-    """Continue every prompt by ``tokens`` tokens, all streams in one batch; ids per stream."""
+                   sampling: SamplingConfig, progress: bool = True) -> list[TokenSequence]:
+    """Continue every prompt by ``tokens`` tokens, all streams in one batch: per stream the
+    tokens with the velocity level and voice the generator chose for each."""
     state, out, decoders = generator.prime_many(prompts)
     heard = torch.from_numpy(np.stack([generator.heard(p.ids) for p in prompts]))
     configs = [sampling] * len(prompts)
@@ -122,59 +137,126 @@ def generate_batch(generator: BatchGenerator, prompts: list[TokenSequence], toke
     for step in tqdm(range(tokens), desc=f"generating (seed {sampling.seed})", unit="token",
                      leave=False, disable=None if progress else True):
         results, state, out = generator.advance(state, out, decoders, configs, [step] * len(prompts), heard)
-        rows.append([r.token for r in results])
-    return list(np.array(rows, dtype=np.int64).T)
+        rows.append([(r.token, r.velocity, r.voice) for r in results])
+    streams = np.array(rows, dtype=np.int64).reshape(tokens, len(prompts), 3).transpose(1, 2, 0)
+    return [TokenSequence(*np.ascontiguousarray(stream)) for stream in streams]
 
 
-def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequence], n: int, *,
-                         prompt_tokens: int = 64, tokens: int = 256,
-                         sampling: SamplingConfig = SamplingConfig(), progress: bool = True) -> dict:
-    """The metrics above on the first ``n`` of ``sequences`` long enough for prompt + continuation."""
+def sampling_settings(sampling: SamplingConfig) -> dict:
+    """The sampling settings a report names (JSON-ready)."""
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "min_p": sampling.min_p, "seed": sampling.seed, "key_pull": sampling.key_pull}
+
+
+def describe_sampling(settings: dict) -> str:
+    """:func:`sampling_settings` as one line: ``temperature 0.9, top_k 50, ...``."""
+    return ", ".join(f"{name} {value}" for name, value in settings.items())
+
+
+@dataclass
+class ContinuedPiece:
+    """One held-out piece, continued: its place in the input list, its prompt, both continuations
+    (tokens with velocity levels and voices) and their notes (:func:`decode_after`)."""
+
+    index: int
+    """Position of the piece in the ``sequences`` given to :func:`continue_pieces`."""
+    prompt: TokenSequence
+    generated: TokenSequence
+    reseeded: TokenSequence
+    """The generated continuation again, with seed + 1."""
+    real: TokenSequence
+    prompt_notes: list[DecodedNote]
+    generated_notes: list[DecodedNote]
+    real_notes: list[DecodedNote]
+
+
+@dataclass
+class Continuations:
+    """What :func:`continue_pieces` produced, with the settings it used."""
+
+    prompt_tokens: int
+    tokens: int
+    sampling: SamplingConfig
+    pieces: list[ContinuedPiece]
+
+
+def continue_pieces(generator: BatchGenerator, sequences: list[TokenSequence], n: int, *,
+                    prompt_tokens: int = 64, tokens: int = 256,
+                    sampling: SamplingConfig = SamplingConfig(), progress: bool = True) -> Continuations:
+    """Continue the first ``prompt_tokens`` of the first ``n`` of ``sequences`` long enough for
+    prompt + continuation, twice (seed and seed + 1), beside their real next ``tokens``."""
     tok = generator.tokenizer
-    long_enough = [s for s in sequences if len(s) >= prompt_tokens + tokens]
+    long_enough = [i for i, s in enumerate(sequences) if len(s) >= prompt_tokens + tokens]
     if n < 2 or len(long_enough) < n:
         raise ValueError(f"continuation metrics need n >= 2 pieces of at least {prompt_tokens + tokens} "
                          f"tokens; {len(long_enough)} of {len(sequences)} are long enough, n = {n}")
     chosen = long_enough[:n]
-    prompts = [TokenSequence(s.ids[:prompt_tokens], s.velocity[:prompt_tokens], s.voice[:prompt_tokens])
-               for s in chosen]
-    real = [s.ids[prompt_tokens:prompt_tokens + tokens] for s in chosen]
+    span = lambda s, a, b: TokenSequence(s.ids[a:b], s.velocity[a:b], s.voice[a:b])
+    prompts = [span(sequences[i], 0, prompt_tokens) for i in chosen]
+    real = [span(sequences[i], prompt_tokens, prompt_tokens + tokens) for i in chosen]
     generated = generate_batch(generator, prompts, tokens, sampling, progress)
     reseeded = generate_batch(generator, prompts, tokens, replace(sampling, seed=sampling.seed + 1), progress)
+    pieces = [ContinuedPiece(i, p, g, again, r, decode_after(tok, None, p), decode_after(tok, p, g),
+                             decode_after(tok, p, r))
+              for i, p, g, again, r in zip(chosen, prompts, generated, reseeded, real)]
+    return Continuations(prompt_tokens, tokens, sampling, pieces)
 
-    hist = lambda ids: pitch_class_histogram(ids, tok)
-    gen_h, real_h, prompt_h = [hist(g) for g in generated], [hist(r) for r in real], [hist(p.ids) for p in prompts]
 
-    def rhythm_summary(rows: list[np.ndarray]) -> dict:
-        counts = np.array([rhythm(p, ids, tok) for p, ids in zip(prompts, rows)])
-        notes, on_grid, beats = counts.sum(axis=0)
-        return {"on_grid": float(on_grid / max(notes, 1)),
-                "notes_per_second": float(notes / max(seconds_from_beats(beats, BPM), 1e-9)),
-                "longest_repeat": int(max(longest_repeat(ids) for ids in rows))}
+def summarize(run: Continuations, tokenizer: Tokenizer) -> dict:
+    """The metrics of the module docstring for the continuations of ``run``."""
+    pieces = run.pieces
+    hist = lambda seq: pitch_class_histogram(seq.ids, tokenizer)
+    gen_h, real_h = [hist(p.generated) for p in pieces], [hist(p.real) for p in pieces]
+    prompt_h = [hist(p.prompt) for p in pieces]
+    prompt_notes = [p.prompt_notes for p in pieces]
 
-    gen_rhythm, real_rhythm = rhythm_summary(generated), rhythm_summary(real)
+    def figures(rows: list[TokenSequence], notes: list[list[DecodedNote]]) -> dict:
+        """Rhythm and music figures of one set of continuations (generated or real)."""
+        played, on_grid, beats = np.array([rhythm(piece, tokenizer) for piece in notes]).sum(axis=0)
+        return {"on_grid": float(on_grid / max(played, 1)),
+                "notes_per_second": float(played / max(seconds_from_beats(beats, BPM), 1e-9)),
+                "longest_repeat": int(max(longest_repeat(seq.ids) for seq in rows)),
+                **music_figures(prompt_notes, notes)}
+
+    generated = figures([p.generated for p in pieces], [p.generated_notes for p in pieces])
+    real = figures([p.real for p in pieces], [p.real_notes for p in pieces])
     return {
-        "n": n, "prompt_tokens": prompt_tokens, "continuation_tokens": tokens,
-        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                     "top_p": sampling.top_p, "min_p": sampling.min_p, "seed": sampling.seed,
-                     "key_pull": sampling.key_pull},
+        "n": len(pieces), "prompt_tokens": run.prompt_tokens, "continuation_tokens": run.tokens,
+        "sampling": sampling_settings(run.sampling),
         "distinctness": distinctness(gen_h, real_h),
         "prompt_fidelity": prompt_fidelity(gen_h, prompt_h),
         "real_prompt_fidelity": prompt_fidelity(real_h, prompt_h),
-        "seed_spread": seed_spread(generated, reseeded),
-        **gen_rhythm, **{f"real_{k}": v for k, v in real_rhythm.items()},
+        "seed_spread": seed_spread([p.generated.ids for p in pieces], [p.reseeded.ids for p in pieces]),
+        **generated, **{f"real_{k}": v for k, v in real.items()},
     }
 
 
+def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequence], n: int,
+                         **options) -> dict:
+    """:func:`summarize` of :func:`continue_pieces` (``options`` are its keyword arguments)."""
+    return summarize(continue_pieces(generator, sequences, n, **options), generator.tokenizer)
+
+
+GENERATED_AND_REAL = ("on_grid", "notes_per_second", "longest_repeat", "voices_used",
+                      "busiest_voice_share", "mean_melodic_move", "step_share", "notes_per_onset",
+                      "velocities_used", "key_correlation", "voice_crossing")
+"""The figures :func:`format_metrics` prints with a generated and a real column."""
+
+
+def onset_sizes_line(distribution: dict[str, float]) -> str:
+    """``notes_per_onset_distribution`` as ``1:0.40 2:0.30 3:0.20 4:0.10 5+:0.00``."""
+    return " ".join(f"{size}:{distribution[size]:.2f}" for size in ONSET_SIZES)
+
+
 def format_metrics(m: dict) -> str:
+    """The metrics as a table: one row per figure, generated and real side by side."""
     rows = [f"continuations: {m['n']} held-out prompts of {m['prompt_tokens']} tokens, "
-            f"{m['continuation_tokens']} tokens each (temperature {m['sampling']['temperature']}, "
-            f"top_k {m['sampling']['top_k']}, top_p {m['sampling']['top_p']}, "
-            f"key_pull {m['sampling']['key_pull']})",
-            f"{'':<18}{'generated':>12}{'real':>12}",
-            f"{'distinctness':<18}{m['distinctness']:>12.3f}{1.0:>12.3f}",
-            f"{'prompt_fidelity':<18}{m['prompt_fidelity']:>12.3f}{m['real_prompt_fidelity']:>12.3f}",
-            f"{'seed_spread':<18}{m['seed_spread']:>12.3f}{'':>12}"]
-    for key in ("on_grid", "notes_per_second", "longest_repeat"):
-        rows.append(f"{key:<18}{m[key]:>12.3f}{m['real_' + key]:>12.3f}")
+            f"{m['continuation_tokens']} tokens each ({describe_sampling(m['sampling'])})",
+            f"{'':<22}{'generated':>12}{'real':>12}",
+            f"{'distinctness':<22}{m['distinctness']:>12.3f}{1.0:>12.3f}",
+            f"{'prompt_fidelity':<22}{m['prompt_fidelity']:>12.3f}{m['real_prompt_fidelity']:>12.3f}",
+            f"{'seed_spread':<22}{m['seed_spread']:>12.3f}{'':>12}"]
+    rows += [f"{key:<22}{m[key]:>12.3f}{m['real_' + key]:>12.3f}" for key in GENERATED_AND_REAL]
+    rows += [f"{'notes per onset':<22}generated {onset_sizes_line(m['notes_per_onset_distribution'])}",
+             f"{'':<22}real      {onset_sizes_line(m['real_notes_per_onset_distribution'])}"]
     return "\n".join(rows)
