@@ -6,8 +6,11 @@ bigram baselines were fitted on the checkpoint's own training split and stored i
 reported in nats per token and in bits per note (total bits over the files' notes).
 
 With ``--continuations N`` it also continues the first 64 tokens of N of the scored files and
-reports how varied, prompt-faithful and seed-dependent the continuations are
-(:mod:`model.evaluation.continuation`).
+reports how varied, prompt-faithful and seed-dependent the continuations are, and what a listener
+would notice in them beside the real continuations: voices, melodic moves, chords, velocities,
+key and voice crossing (:mod:`model.evaluation.continuation`, :mod:`model.evaluation.music`).
+``--plots DIR`` also draws each prompt's generated and real continuations as a piano roll,
+``DIR/<position>_<file stem>.png`` (:mod:`model.evaluation.piano_roll`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
 from model.checkpoint.files import CheckpointError
 from model.checkpoint.format import load_model
 from model.evaluation.baselines import Baselines
-from model.evaluation.continuation import continuation_metrics, format_metrics
+from model.evaluation.continuation import continue_pieces, format_metrics, summarize
 from model.evaluation.nll import sequence_nll
+from model.evaluation.piano_roll import write_piano_rolls
 from model.generation.generator import BatchGenerator
 from model.runtime.device import resolve_device
 from model.runtime.flags import add_dataclass_arguments, dataclass_from_args
@@ -37,7 +42,9 @@ logger = logging.getLogger(__name__)
 def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
              cache_dir: str | None = None, split: str = "all", continuations: int = 0,
              prompt_tokens: int = 64, continuation_tokens: int = 256,
-             sampling: SamplingConfig = SamplingConfig()) -> dict:
+             sampling: SamplingConfig = SamplingConfig(), plots_dir: str | None = None) -> dict:
+    """Score ``midi_dir`` with ``checkpoint`` (see the module docstring); with ``continuations``,
+    the continuation metrics too, and with ``plots_dir`` their piano rolls (paths under ``plots``)."""
     dev = resolve_device(device)
     model, tokenizer, loaded = load_model(checkpoint, device=dev)
     model.float()
@@ -62,10 +69,14 @@ def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
     bits_note = lambda nats: nats / math.log(2) / max(notes, 1)
     extra = {}
     if continuations:
-        extra = continuation_metrics(BatchGenerator(model, tokenizer), sequences, continuations,
-                                     prompt_tokens=prompt_tokens, tokens=continuation_tokens,
-                                     sampling=sampling)
+        run = continue_pieces(BatchGenerator(model, tokenizer), sequences, continuations,
+                              prompt_tokens=prompt_tokens, tokens=continuation_tokens, sampling=sampling)
+        extra = summarize(run, tokenizer)
         extra = {"continuations": extra.pop("n"), **extra}
+        if plots_dir:
+            names = [Path(corpus.files[piece.index].path).stem for piece in run.pieces]
+            written = write_piano_rolls(run, names, plots_dir, tokenizer.timebase.resolution)
+            extra["plots"] = [str(path) for path in written]
     return {
         "checkpoint": str(loaded.path), "midi_dir": midi_dir,
         "model_nll": per_token(model_nats), "unigram_nll": per_token(uni_nats),
@@ -95,6 +106,8 @@ def format_table(r: dict) -> str:
     rows += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
     if r.get("continuations"):
         rows += ["", format_metrics({**r, "n": r["continuations"]})]
+    if r.get("plots"):
+        rows.append(f"piano rolls: {len(r['plots'])} written to {Path(r['plots'][0]).parent}")
     return "\n".join(rows)
 
 
@@ -111,18 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--continuations", type=int, default=0,
                         help="continue the first --prompt_tokens of N of the scored files (those long "
-                             "enough, in path order) and report the continuation metrics (0 = off)")
+                             "enough, in path order) and report the continuation metrics and music "
+                             "figures beside the real continuations (0 = off)")
     parser.add_argument("--prompt_tokens", type=int, default=64, help="prompt length for --continuations")
     parser.add_argument("--continuation_tokens", type=int, default=256,
                         help="tokens generated per prompt for --continuations")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="with --continuations: write one piano roll per prompt, generated above "
+                             "real, to DIR/<position>_<file stem>.png")
     add_dataclass_arguments(parser, SamplingConfig)
     args = parser.parse_args(argv)
+    if args.plots and not args.continuations:
+        parser.error("--plots draws the continuations: give --continuations N too")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         result = evaluate(args.checkpoint, args.midi_dir, device=args.device,
                           cache_dir=args.cache_dir, split=args.split, continuations=args.continuations,
                           prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
-                          sampling=dataclass_from_args(SamplingConfig, args))
+                          sampling=dataclass_from_args(SamplingConfig, args), plots_dir=args.plots)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
