@@ -155,24 +155,22 @@ class Engine:
         self.field = torch.zeros((n, state.field.shape[-1]), dtype=state.field.dtype, device=self.device)
         self.position = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.logits = torch.zeros((n, out.logits.shape[-1]), dtype=out.logits.dtype, device=self.device)
-        self.velocity = torch.zeros((n, out.velocity.shape[-1]), dtype=out.velocity.dtype, device=self.device)
-        self.voice = torch.zeros((n, out.voice.shape[-1]), dtype=out.voice.dtype, device=self.device)
+        self.hidden = torch.zeros((n, out.hidden.shape[-1]), dtype=out.hidden.dtype, device=self.device)
         self.heard = torch.zeros((n, PITCH_CLASSES), dtype=torch.float32, device=self.device)
         self.state_bytes = self.field[0].nbytes + self.position[0].nbytes + self.heard[0].nbytes
-        self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.velocity[0].nbytes + self.voice[0].nbytes
+        self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.hidden[0].nbytes
         self.metrics.state_bytes.set(self.state_bytes)
         self.metrics.slot_bytes.set(self.slot_bytes)
 
     def _rows(self, slots: torch.Tensor) -> tuple[FieldState, FMOutput]:
         return (FieldState(self.field[slots], self.position[slots]),
-                FMOutput(self.logits[slots], self.velocity[slots], self.voice[slots]))
+                FMOutput(self.logits[slots], self.hidden[slots]))
 
     def _store(self, slots: torch.Tensor, state: FieldState, out: FMOutput) -> None:
         self.field[slots] = state.field.to(self.field.dtype)
         self.position[slots] = state.position
         self.logits[slots] = out.logits.to(self.logits.dtype)
-        self.velocity[slots] = out.velocity.to(self.velocity.dtype)
-        self.voice[slots] = out.voice.to(self.voice.dtype)
+        self.hidden[slots] = out.hidden.to(self.hidden.dtype)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -51,7 +51,8 @@ def tiny_run(tmp_path_factory) -> Path:
     corpus = tiny_corpus(base / "midi")
     out = base / "run"
     result = run_module("model.train", "--midi_dir", str(corpus), "--out_dir", str(out),
-                        "--epochs", "12", "--dim", "64", "--decoder_hidden", "64", "--batch_size", "4",
+                        "--epochs", "12", "--dim", "64", "--field_layers", "2", "--width", "32",
+                        "--decoder_hidden", "64", "--batch_size", "4",
                         "--max_seq_len", "64", "--warmup_steps", "10", "--lr", "1e-2", "--dropout", "0",
                         "--val_fraction", "0.2", "--cache_dir", str(base / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -141,8 +141,8 @@ def test_loading_never_calls_torch_load(saved: Path, monkeypatch: pytest.MonkeyP
 
 def test_load_model_rebuilds_the_field_machine(tmp_path: Path) -> None:
     tokenizer = Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + [TokenKey(BAR, 4, 4, 0)])
-    config = ModelConfig(**token_shape(tokenizer.vocab_size), dim=8, decoder_layers=1,
-                         decoder_hidden=8, voice_embedding=4)
+    config = ModelConfig(**token_shape(tokenizer.vocab_size), dim=8, field_layers=2, width=8,
+                         decoder_layers=1, decoder_hidden=8, voice_embedding=4)
     torch.manual_seed(0)
     fm = FieldMachine(config).eval()
     save_checkpoint(tmp_path / "best", model=fm, model_config=config, tokenizer=tokenizer,

@@ -80,8 +80,8 @@ def test_seed_spread_and_longest_repeat():
 
 def untrained(tokenizer: Tokenizer) -> FieldMachine:
     torch.manual_seed(0)
-    return FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32,
-                                    dropout=0.0, decays="0,8")).eval()
+    return FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, field_layers=2, width=16,
+                                    decoder_hidden=32, dropout=0.0, decays="0,8")).eval()
 
 
 def test_continuation_metrics_on_a_model(tokenizer):

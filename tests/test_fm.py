@@ -11,17 +11,29 @@ from model.fm.machine import FieldMachine
 from model.fm.state import FieldState
 from tests.model_shapes import token_shape
 
-VARIANTS = [("field", False), ("demod", False), ("demod", True), ("field", True),
-            ("demod", "0,512,16,1"), ("field", "0,4")]
-IDS = ["field", "demod", "demod+direct", "field+direct", "demod+direct+decays", "field+direct+decays"]
+# One field read by the MLP decoder (field_layers 0) and deep machines of 1 to 8 field layers.
+VARIANTS = {
+    "field": dict(readout="field", direct=False),
+    "demod": dict(readout="demod", direct=False),
+    "demod+direct": dict(readout="demod", direct=True),
+    "field+direct": dict(readout="field", direct=True),
+    "demod+direct+decays": dict(readout="demod", direct=True, decays="0,512,16,1"),
+    "field+direct+decays": dict(readout="field", direct=True, decays="0,4"),
+    "1 layer": dict(field_layers=1),
+    "2 layers+decays": dict(field_layers=2, decays="0,512,16,1"),
+    "4 layers+decays": dict(field_layers=4, decays="0,512,64,8,2"),
+    "8 layers": dict(field_layers=8),
+}
+LAYER_COUNTS = {"one field": {}, **{k: v for k, v in VARIANTS.items() if "layer" in k}}
 
 
-def make_model(readout: str, direct: bool | str, dim: int = 64, seed: int = 0) -> FieldMachine:
-    """``direct`` as a string: the direct path plus those decay time constants."""
+def make_model(variant: dict | str = "demod+direct", dim: int = 64, seed: int = 0) -> FieldMachine:
+    """A small model of ``variant`` (a name in :data:`VARIANTS` or its settings)."""
     torch.manual_seed(seed)
-    decays = direct if isinstance(direct, str) else ""
+    settings = VARIANTS[variant] if isinstance(variant, str) else variant
+    settings = {"field_layers": 0, "width": 24, **settings}
     config = ModelConfig(**token_shape(50), dim=dim, decoder_hidden=48, decoder_layers=3,
-                         dropout=0.0, readout=readout, direct=bool(direct), decays=decays)
+                         dropout=0.0, **settings)
     return FieldMachine(config).eval().double().float()
 
 
@@ -48,18 +60,18 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max().item() <= 1e-4 * max(scale, 1.0), ((a - b).abs().max(), scale)
 
 
-@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
-def test_step_reproduces_parallel_logits_over_2048_tokens(readout, direct):
-    model = make_model(readout, direct)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_reproduces_parallel_logits_over_2048_tokens(variant):
+    model = make_model(variant)
     dna, slots = random_tokens(1, 2048)
     with torch.no_grad():
         parallel = model(dna, slots).logits
     close(step_through(model, dna, slots), parallel)
 
 
-@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
-def test_step_matches_parallel_past_position_20000(readout, direct):
-    model = make_model(readout, direct, dim=32)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_matches_parallel_past_position_20000(variant):
+    model = make_model(variant, dim=64 if "layers" in variant else 32)
     dna, slots = random_tokens(1, 20_064)
     with torch.no_grad():
         parallel = model(dna, slots).logits
@@ -68,9 +80,9 @@ def test_step_matches_parallel_past_position_20000(readout, direct):
     close(step_through(model, dna[:, 20_000:], slots[:, 20_000:], state), parallel[:, 20_000:])
 
 
-@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
-def test_streams_stepped_together_equal_streams_stepped_alone(readout, direct):
-    model = make_model(readout, direct)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streams_stepped_together_equal_streams_stepped_alone(variant):
+    model = make_model(variant)
     dna, slots = random_tokens(4, 40)
     # Streams at different positions: stream i has already taken 10 * i tokens.
     states = []
@@ -87,9 +99,11 @@ def test_streams_stepped_together_equal_streams_stepped_alone(readout, direct):
         assert after.position[i].item() == alone_state.position.item() == 10 * i + 1
 
 
-@pytest.mark.parametrize("direct", [True, "0,64,4"], ids=["one field", "decayed fields"])
-def test_state_size_does_not_grow(direct):
-    model = make_model("demod", direct)
+@pytest.mark.parametrize("variant", ["demod+direct", "demod+direct+decays", "1 layer", "2 layers+decays",
+                                     "4 layers+decays", "8 layers"])
+def test_state_size_does_not_grow(variant):
+    """One field of 64 floats, or 64 floats split over the layers' fields: whatever the depth."""
+    model = make_model(variant)
     dna, slots = random_tokens(3, 1)
     state = FieldState.empty(3, model.config.dim)
     sizes = {}
@@ -100,8 +114,9 @@ def test_state_size_does_not_grow(direct):
     assert sizes[10] == sizes[10_000] == 3 * (64 * 4 + 8)
 
 
-def test_padding_on_the_right_does_not_change_real_positions():
-    model = make_model("demod", True)
+@pytest.mark.parametrize("variant", LAYER_COUNTS)
+def test_padding_on_the_right_does_not_change_real_positions(variant):
+    model = make_model({"direct": True, **LAYER_COUNTS[variant]})
     dna, slots = random_tokens(2, 30)
     with torch.no_grad():
         short = model(dna[:1, :17], slots[:1, :17]).logits
@@ -110,7 +125,7 @@ def test_padding_on_the_right_does_not_change_real_positions():
 
 
 def test_position_code_is_exact_at_30000():
-    model = make_model("field", False, dim=4096).to(torch.bfloat16)  # weights' dtype must not matter
+    model = make_model("field", dim=4096).to(torch.bfloat16)  # weights' dtype must not matter
     code = model.position_code(torch.tensor([30_000]))
     i = torch.arange(0, 4096, 2, dtype=torch.float64)
     exact = 30_000 * 32768.0 ** (-i / 4096)
@@ -118,8 +133,9 @@ def test_position_code_is_exact_at_30000():
     torch.testing.assert_close(code[0, 1::2].double(), torch.cos(exact), atol=1e-6, rtol=0)
 
 
-def test_loss_and_heads_train():
-    model = make_model("demod", True)
+@pytest.mark.parametrize("variant", LAYER_COUNTS)
+def test_loss_and_heads_train(variant):
+    model = make_model({"direct": True, **LAYER_COUNTS[variant]})
     model.train()
     dna, slots = random_tokens(2, 12)
     targets = torch.randint(0, 50, (2, 12))
@@ -128,7 +144,7 @@ def test_loss_and_heads_train():
     losses = []
     for _ in range(60):
         out = model(dna, slots)
-        loss = sequence_loss(out, targets, torch.zeros_like(targets), torch.ones_like(targets),
+        loss = sequence_loss(model, out, targets, torch.zeros_like(targets), torch.ones_like(targets),
                              mask, torch.ones_like(mask))
         opt.zero_grad()
         loss["total"].backward()
@@ -142,11 +158,15 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(**token_shape(50), readout="attention")
     with pytest.raises(ValueError, match="decay time constant"):
         ModelConfig(**token_shape(50), decays="0,0.5")
+    with pytest.raises(ValueError, match="field_layers must be >= 0 and split dim"):
+        ModelConfig(**token_shape(50), dim=64, field_layers=3)
+    with pytest.raises(ValueError, match="readout 'demod'"):
+        ModelConfig(**token_shape(50), field_layers=2, readout="field")
 
 
 def test_decayed_field_forgets_at_its_rate():
     """One token, then silence (zero DNA): a channel with tau = 4 keeps exp(-t/4) of it."""
-    model = make_model("field", "4")
+    model = make_model({"readout": "field", "direct": True, "decays": "4"})
     dna, slots = random_tokens(1, 1)
     state = FieldState.empty(1, model.config.dim)
     _, state = model.step(state, dna[:, 0], slots[:, 0])
@@ -161,9 +181,9 @@ def test_decayed_field_forgets_at_its_rate():
     torch.testing.assert_close(state.field - added, first * lam ** 8, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("readout, direct", VARIANTS, ids=IDS)
-def test_chunked_forward_equals_one_pass(readout, direct):
-    model = make_model(readout, direct)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_forward_equals_one_pass(variant):
+    model = make_model(variant)
     dna, slots = random_tokens(2, 300)
     with torch.no_grad():
         whole = model(dna, slots).logits
@@ -179,12 +199,12 @@ def test_factored_head_shares_rows_and_keeps_the_step_exact():
         TokenKey(NOTE, 60, 8, 0), TokenKey(NOTE, 60, 3, 12), TokenKey(NOTE, 72, 8, 0), TokenKey(REST, -1, 8, 0)]
     torch.manual_seed(0)
     model = FieldMachine(ModelConfig(**token_shape(len(vocab)), dim=32, decoder_hidden=16, dropout=0.0,
-                                     decays="0,8", head="factored")).eval()
+                                     decays="0,8", head="factored", field_layers=2, width=16)).eval()
     model.set_vocabulary(vocab)
-    parts = model.token_head.parts
+    parts = model.token_parts
     assert parts[4, 0] == parts[5, 0] != parts[6, 0]  # same pitch, same pitch row
     assert parts[4, 1] == parts[6, 1] and parts[4, 2] == parts[6, 2]  # same duration and position
-    assert "token_head.parts" in model.state_dict()  # saved with the weights
+    assert "token_parts" in model.state_dict()  # saved with the weights
     dna, slots = random_tokens(2, 50)
     with torch.no_grad():
         parallel = model(dna, slots).logits

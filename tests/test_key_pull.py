@@ -92,8 +92,8 @@ def test_one_played_note_pulls_gently(tokenizer):
 def test_continuations_follow_their_prompts_with_the_pull(tokenizer):
     """An untrained model ignores its prompt; the pull alone brings each continuation back to it."""
     torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, decoder_hidden=32,
-                                     dropout=0.0, decays="0,8")).eval()
+    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=32, field_layers=2, width=16,
+                                     decoder_hidden=32, dropout=0.0, decays="0,8")).eval()
     rng = np.random.default_rng(0)
     sequences = []
     for scale in SCALES:

@@ -34,7 +34,7 @@ def test_training_writes_the_checkpoint_set(tiny_run):
 
 def test_resume_continues_from_latest(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi", files=6)
-    common = ["--midi_dir", str(corpus), "--out_dir", str(tmp_path / "run"), "--dim", "16",
+    common = ["--midi_dir", str(corpus), "--out_dir", str(tmp_path / "run"), "--dim", "16", "--width", "16",
               "--decoder_hidden", "16", "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c")]
     assert run_module("model.train", *common, "--epochs", "1").returncode == 0
     first = load_checkpoint(tmp_path / "run" / "latest")
@@ -49,7 +49,7 @@ def test_resume_continues_from_latest(tmp_path):
 
 def test_transpose_fits_the_vocabulary_on_every_shift(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi", files=6)
-    common = ["--midi_dir", str(corpus), "--dim", "16", "--decoder_hidden", "16", "--max_seq_len", "64",
+    common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16", "--max_seq_len", "64",
               "--cache_dir", str(tmp_path / "c"), "--epochs", "2"]
     plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"))
     shifted = run_module("model.train", *common, "--out_dir", str(tmp_path / "shifted"), "--transpose", "2")
@@ -66,7 +66,7 @@ def test_interrupt_saves_latest_and_exits_cleanly(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi", files=6)
     proc = subprocess.Popen(
         [sys.executable, "-m", "model.train", "--midi_dir", str(corpus), "--out_dir", str(tmp_path / "run"),
-         "--dim", "16", "--decoder_hidden", "16", "--max_seq_len", "64", "--epochs", "100000",
+         "--dim", "16", "--width", "16", "--decoder_hidden", "16", "--max_seq_len", "64", "--epochs", "100000",
          "--print_steps", "1", "--cache_dir", str(tmp_path / "c")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "training_log.csv"

@@ -32,7 +32,9 @@ def test_shapes():
     model = make()
     out = model(*inputs(3, 11))
     assert out.logits.shape == (3, 11, 40)
-    assert out.velocity.shape == (3, 11, 8) and out.voice.shape == (3, 11, 16)
+    assert out.hidden.shape == (3, 11, 32)
+    voice, velocity = model.note_logits(out.hidden, torch.zeros(3, 11, dtype=torch.int64))
+    assert velocity.shape == (3, 11, 8) and voice.shape == (3, 11, 16)
 
 
 @HEADS

@@ -32,9 +32,11 @@ class ModelConfig:
     voice_slots: int = field(metadata={"help": 'Rows of the voice embedding: note voices plus one slot per non-note kind (tokenizer).'})
     max_voices: int = field(metadata={"help": 'Outputs of the voice head (tokenizer).'})
     velocity_levels: int = field(metadata={"help": 'Outputs of the velocity head (tokenizer).'})
-    dim: int = field(default=4096, metadata={"help": 'Width of the field.'})
-    decoder_layers: int = field(default=3, metadata={"help": 'Hidden layers of the MLP decoder.'})
-    decoder_hidden: int = field(default=2048, metadata={"help": "Width of the decoder's hidden layers."})
+    dim: int = field(default=4096, metadata={"help": "Floats of field per stream: the one field's width, or with field layers all their fields together (split evenly)."})
+    field_layers: int = field(default=4, metadata={"help": "Residual field layers, each with its own field of dim / field_layers floats (0 = one field read by the MLP decoder)."})
+    width: int = field(default=512, metadata={"help": "Width of the residual stream between field layers (field layers only)."})
+    decoder_layers: int = field(default=3, metadata={"help": "Hidden layers of the MLP decoder (one-field machine only)."})
+    decoder_hidden: int = field(default=2048, metadata={"help": "Width of the decoder's hidden layers; with field layers, of each layer's MLP."})
     dropout: float = field(default=0.1, metadata={"help": 'Dropout in the decoder.'})
     voice_embedding: int = field(default=16, metadata={"help": 'Width of the learned voice embedding in the DNA.'})
     position_base: float = field(default=32768.0, metadata={"help": 'Base of the sinusoidal position code.'})
@@ -52,16 +54,31 @@ class ModelConfig:
             raise ValueError(f"head must be one of {HEADS}, not {self.head!r}")
         if self.dim % 2:
             raise ValueError("dim must be even (the position code pairs sin and cos)")
+        if self.field_layers < 0 or self.dim % (2 * max(1, self.field_layers)):
+            raise ValueError(f"field_layers must be >= 0 and split dim ({self.dim}) into fields of "
+                             f"an even width, not {self.field_layers}")
+        if self.field_layers and (self.width < 1 or self.readout != "demod"):
+            raise ValueError("field layers need width >= 1 and readout 'demod'")
         if self.vocab_size < 5 or self.decoder_layers < 1 or self.decoder_hidden < 1:
             raise ValueError("vocab_size >= 5, decoder_layers >= 1 and decoder_hidden >= 1 are required")
         if not 0 <= self.dropout < 1 or not 0 <= self.field_dropout < 1:
             raise ValueError("dropout and field_dropout must lie in [0, 1)")
-        if len(parse_decays(self.decays)) > self.dim // 2:
+        if len(parse_decays(self.decays)) > self.field_floats // 2:
             raise ValueError("decays: more groups than channel pairs")
 
     @property
     def dna_width(self) -> int:
         return DNA_FLOATS + self.voice_embedding
+
+    @property
+    def field_floats(self) -> int:
+        """Width of each field: ``dim``, or ``dim / field_layers`` with field layers."""
+        return self.dim // max(1, self.field_layers)
+
+    @property
+    def hidden_width(self) -> int:
+        """Width of the state the heads read."""
+        return self.width if self.field_layers else self.decoder_hidden
 
     @property
     def state_floats(self) -> int:

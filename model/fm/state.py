@@ -33,14 +33,15 @@ class FieldState:
 
 @dataclass
 class FMOutput:
-    logits: Tensor  # (..., V) next token
-    velocity: Tensor  # (..., velocity_levels) velocity level of the next token
-    voice: Tensor  # (..., max_voices) voice of the next token
+    """What predicts a stream's next token: its logits, and the decoder state the note head reads
+    (with the token once it is chosen) for that note's voice and velocity."""
 
+    logits: Tensor  # (..., V) next token
+    hidden: Tensor  # (..., width) the decoder's state, for the model's ``note_logits``
 
     def last(self) -> "FMOutput":
         """The outputs at the last position of ``(B, T, ...)`` outputs: ``(B, ...)``."""
-        return FMOutput(self.logits[:, -1], self.velocity[:, -1], self.voice[:, -1])
+        return FMOutput(self.logits[:, -1], self.hidden[:, -1])
 
 
 def stack_states(states: list[FieldState]) -> FieldState:
@@ -48,5 +49,4 @@ def stack_states(states: list[FieldState]) -> FieldState:
 
 
 def stack_outputs(outputs: list[FMOutput]) -> FMOutput:
-    return FMOutput(torch.cat([o.logits for o in outputs]), torch.cat([o.velocity for o in outputs]),
-                    torch.cat([o.voice for o in outputs]))
+    return FMOutput(torch.cat([o.logits for o in outputs]), torch.cat([o.hidden for o in outputs]))

@@ -7,7 +7,9 @@ DNA is built with :meth:`model.tokenizer.dna.TokenDNA.of_tokens` from the token,
 heads chose, and the bar length in force, exactly as :meth:`Tokenizer.dna` builds it for training.
 
 One batched advance reads as: key pull (:mod:`.key_pull`) -> grammar mask (:mod:`.grammar`) ->
-sample (:mod:`model.sampling`) -> the note's velocity and voice -> feed the tokens back.
+sample the token (:mod:`model.sampling`) -> sample the note's voice and velocity from the note
+head given *that* token (:mod:`model.fm.note_head`), with the stream's own random numbers (other
+salts of the same step) and temperature -> feed the tokens back.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BOS, EOS, PAD, UNK
 
 NEVER_SAMPLED = (PAD, BOS, UNK)
+VOICE_SALT, VELOCITY_SALT = 1, 2  # the token's draw uses salt 0 of the same (seed, step)
 
 
 @dataclass
@@ -126,7 +129,7 @@ class BatchGenerator:
         batch = SamplingBatch.from_configs(sampling, steps, device=self.device)
         logits = self.allowed_logits(out, decoders, batch, heard)
         tokens = sample(logits, batch)
-        results = self.push(tokens, out, decoders)
+        results = self.push(tokens, *self.note_parts(tokens, out, batch), decoders)
         new_out, new_state = self.feed(state, results, decoders)
         return results, new_state, new_out
 
@@ -145,10 +148,17 @@ class BatchGenerator:
         logits[:, self.banned] = float("-inf")
         return logits.masked_fill_(self.grammar(decoders), float("-inf"))
 
-    def push(self, tokens: torch.Tensor, out: FMOutput, decoders: list[StreamDecoder]) -> list[StreamStep]:
-        """Give each sampled token its velocity and voice and push it into its stream's decoder."""
-        velocity = out.velocity.argmax(-1)
-        voice = out.voice.argmax(-1)
+    def note_parts(self, tokens: torch.Tensor, out: FMOutput, batch: SamplingBatch
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The voice and velocity level of each stream's chosen token (B,), drawn from the note
+        head given that token, with the stream's temperature and random numbers."""
+        voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens)
+        return (sample(voice_logits, batch, salt=VOICE_SALT),
+                sample(velocity_logits, batch, salt=VELOCITY_SALT))
+
+    def push(self, tokens: torch.Tensor, voice: torch.Tensor, velocity: torch.Tensor,
+             decoders: list[StreamDecoder]) -> list[StreamStep]:
+        """Push each stream's token, with its voice and velocity, into its stream's decoder."""
         tokens_np, velocity_np, voice_np = (t.cpu().numpy() for t in (tokens, velocity, voice))
         results = []
         for i, decoder in enumerate(decoders):

@@ -64,8 +64,13 @@ FM_VARIANTS: dict[str, dict] = {
     "fm_demod_direct_decays_factored_lookup": dict(readout="demod", direct=True, decays="0,512,64,8,2",
                                                    head="factored", dna_lookup=True),
 }
-DEFAULT_VARIANTS = ("transformer,fm_field,fm_demod,fm_demod_direct,fm_demod_direct_decays,"
-                    "fm_demod_direct_decays_fdrop")
+# Deep FMs: ``fm_deep<layers>_<floats of state>``, e.g. ``fm_deep4_1024``: field layers with the
+# shipped model's choices (demod, decays, factored head, DNA lookup), their width the largest
+# multiple of 32 that keeps the parameters at most ``--deep_parameters``.
+DEEP_PREFIX = "fm_deep"
+DEEP_CHOICES = dict(readout="demod", decays="0,512,64,8,2", head="factored", dna_lookup=True)
+DEFAULT_VARIANTS = ("transformer_factored,fm_demod_direct_decays_factored_lookup,fm_deep2_2048,"
+                    "fm_deep4_1024,fm_deep4_4096,fm_deep8_2048")
 TIMED_POSITIONS = (100, 10_000)
 
 
@@ -75,11 +80,31 @@ def build(name: str, args: argparse.Namespace, tokenizer: Tokenizer) -> torch.nn
         return CausalTransformer(TransformerConfig(**common, dim=args.tf_dim, layers=args.tf_layers,
                                                    heads=args.tf_heads, dropout=args.dropout,
                                                    head="factored" if name.endswith("factored") else "tied"))
+    if name.startswith(DEEP_PREFIX):
+        return deep_fm(name, common, args.deep_parameters, args.dropout)
     if name not in FM_VARIANTS:
-        raise ValueError(f"unknown variant {name!r}: choose from transformer, {', '.join(FM_VARIANTS)}")
-    return FieldMachine(ModelConfig(**common, dim=args.fm_dim, decoder_hidden=args.fm_hidden,
+        raise ValueError(f"unknown variant {name!r}: choose from transformer, transformer_factored, "
+                         f"{DEEP_PREFIX}<layers>_<floats>, {', '.join(FM_VARIANTS)}")
+    return FieldMachine(ModelConfig(**common, dim=args.fm_dim, field_layers=0, decoder_hidden=args.fm_hidden,
                                     decoder_layers=args.fm_layers, dropout=args.dropout,
                                     **FM_VARIANTS[name]))
+
+
+def deep_fm(name: str, shape: dict, parameters: int, dropout: float) -> FieldMachine:
+    """The ``fm_deep<layers>_<floats>`` variant at the largest width (MLPs 4x wide) within
+    ``parameters``."""
+    try:
+        layers, floats = (int(v) for v in name.removeprefix(DEEP_PREFIX).split("_"))
+    except ValueError:
+        raise ValueError(f"deep variants are named {DEEP_PREFIX}<layers>_<floats>, not {name!r}") from None
+    config = None
+    for width in range(32, 4097, 32):
+        candidate = ModelConfig(**shape, dim=floats, field_layers=layers, width=width,
+                                decoder_hidden=4 * width, dropout=dropout, **DEEP_CHOICES)
+        if config is not None and FieldMachine(candidate).parameter_count() > parameters:
+            break
+        config = candidate
+    return FieldMachine(config)
 
 
 def transformer_step(model: CausalTransformer, optimizer: torch.optim.Optimizer, batch: dict, *, lr: float,
@@ -89,7 +114,7 @@ def transformer_step(model: CausalTransformer, optimizer: torch.optim.Optimizer,
         group["lr"] = lr
     with autocast(device, dtype):
         out = model(batch["inputs"], batch["dna"], batch["slots"])
-    losses = batch_losses(out, batch)
+    losses = batch_losses(model, out, batch)
     optimizer_step(model, optimizer, losses["total"], grad_clip)
     return losses
 
@@ -106,7 +131,7 @@ def transformer_validation_loss(model: CausalTransformer, examples: list[Example
                 yield model(batch["inputs"], batch["dna"], batch["slots"]), batch
 
     model.eval()
-    loss = mean_token_loss(scored())
+    loss = mean_token_loss(model, scored())
     model.train()
     return loss
 
@@ -179,25 +204,39 @@ def state_floats(model: torch.nn.Module, position: int) -> int:
     return model.config.state_floats
 
 
+MUSIC_COLUMNS = (("voices", "voices_used", ".1f"), ("busiest voice", "busiest_voice_share", ".2f"),
+                 ("melodic move", "mean_melodic_move", ".2f"), ("moves <= 2", "step_share", ".2f"),
+                 ("notes / onset", "notes_per_onset", ".2f"), ("key corr.", "key_correlation", ".2f"),
+                 ("crossing", "voice_crossing", ".3f"), ("prompt_fidelity", "prompt_fidelity", ".2f"),
+                 ("distinctness", "distinctness", ".2f"), ("longest repeat", "longest_repeat", "d"))
+
+
 def markdown_table(result: dict) -> str:
-    head = ("| variant | parameters | state floats / stream (at 100; 10,000) | val NLL | × transformer "
-            "| distinctness | prompt_fidelity | seed_spread | on_grid | notes/s | longest repeat "
-            "| train time | tokens seen | ms/token at 100 | ms/token at 10,000 |")
+    """Every variant's NLL, music figures (the model alone) and costs, with Bach's own figures on
+    the same prompts as the last row."""
+    head = ("| variant | parameters | state floats / stream (at 100; 10,000) | val NLL | × transformer | "
+            + " | ".join(name for name, _, _ in MUSIC_COLUMNS)
+            + " | train time | tokens seen | ms/token at 100 | ms/token at 10,000 |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    ref = next((r["val_nll"] for r in result["variants"] if r["name"] == "transformer"), None)
+    ref = next((r["val_nll"] for r in result["variants"] if r["name"].startswith("transformer")), None)
     for r in result["variants"]:
         c = r["continuation"]
         ratio = f"{r['val_nll'] / ref:.3f}" if ref else "-"
         floats = r["state_floats"]
+        music = " | ".join(format(c[key], spec) for _, key, spec in MUSIC_COLUMNS)
         rows.append(
             f"| {r['name']} | {r['parameters']:,} | {floats['100']:,}; {floats['10000']:,} "
-            f"| {r['val_nll']:.3f} | {ratio} | {c['distinctness']:.2f} | {c['prompt_fidelity']:.2f} "
-            f"| {c['seed_spread']:.2f} | {c['on_grid']:.2f} | {c['notes_per_second']:.1f} "
-            f"| {c['longest_repeat']} | {r['train']['seconds'] / 60:.1f} min | {r['train']['tokens']:,} "
-            f"| {r['step_ms']['100']:.2f} | {r['step_ms']['10000']:.2f} |")
+            f"| {r['val_nll']:.3f} | {ratio} | {music} | {r['train']['seconds'] / 60:.1f} min "
+            f"| {r['train']['tokens']:,} | {r['step_ms']['100']:.2f} | {r['step_ms']['10000']:.2f} |")
+    blank = " |" * (len(MUSIC_COLUMNS) + 4)
+    if result["variants"]:
+        c = result["variants"][0]["continuation"]
+        real = " | ".join("" if key == "distinctness" else format(c["real_" + key], spec)
+                          for _, key, spec in MUSIC_COLUMNS)
+        rows.append(f"| Bach (the real continuations) | | | | | {real} |" + " |" * 4)
     base = result["baselines"]
-    rows.append(f"| unigram | | | {base['unigram_nll']:.3f} | | | | | | | | | | | |")
-    rows.append(f"| bigram | | | {base['bigram_nll']:.3f} | | | | | | | | | | | |")
+    rows.append(f"| unigram | | | {base['unigram_nll']:.3f} |{blank}")
+    rows.append(f"| bigram | | | {base['bigram_nll']:.3f} |{blank}")
     return "\n".join(rows)
 
 
@@ -216,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fm_dim", type=int, default=512, help="FM field width")
     parser.add_argument("--fm_hidden", type=int, default=112, help="FM decoder width")
     parser.add_argument("--fm_layers", type=int, default=3, help="FM decoder hidden layers")
+    parser.add_argument("--deep_parameters", type=int, default=2_450_000,
+                        help=f"parameter budget of the {DEEP_PREFIX}<layers>_<floats> variants")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--tf_dim", type=int, default=96, help="transformer width")
     parser.add_argument("--tf_layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--tf_heads", type=int, default=4, help="transformer heads")
@@ -233,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     cfg = TrainConfig(midi_dir=args.midi_dir, batch_size=args.batch_size, max_seq_len=args.max_seq_len,

@@ -2,7 +2,7 @@
 
 A baseline for :mod:`model.research.study`, never a server path. It reads the same tokens as the FM (the
 token's id through an embedding tied to the output head, plus the token's DNA and voice slot, so
-it sees everything the FM sees) and has the same three heads, so :func:`model.fm.loss.sequence_loss`
+it sees everything the FM sees) and has the same heads (the token head and the note head), so :func:`model.fm.loss.sequence_loss`
 and the trainer's batches serve both (plus the input ids, :func:`with_input_ids`). Pre-norm blocks, rotary position code, causal
 ``scaled_dot_product_attention``. Generation keeps a key/value cache: its state grows with the
 stream (``2 * layers * dim`` floats per token), and each step attends over the whole history.
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.fm.factored_head import FactoredHead
+from model.fm.factored_head import FactoredHead, token_part_rows
+from model.fm.note_head import NoteHead
 from model.fm.state import FMOutput
 from model.generation.generator import BatchGenerator, StreamStep, decoder_for, with_bos
 from model.tokenizer.dna import DNA_FLOATS
@@ -117,19 +118,23 @@ class CausalTransformer(nn.Module):
         self.dna = nn.Linear(DNA_FLOATS, c.dim)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim)
-        self.velocity_head = nn.Linear(c.dim, c.velocity_levels)
-        self.voice_head = nn.Linear(c.dim, c.max_voices)
+        self.note_head = NoteHead(c.dim, c.max_voices, c.velocity_levels)
+        self.register_buffer("token_parts", torch.zeros(c.vocab_size, 3, dtype=torch.int64))
         if self.token_embedding is not None:
             nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def set_vocabulary(self, vocab) -> None:
-        if self.factored is not None:
-            self.factored.set_vocabulary(vocab)
+        """The token -> parts table of the factored rows and the note head."""
+        self.token_parts.copy_(token_part_rows(vocab))
+
+    def note_logits(self, hidden: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`model.fm.machine.FieldMachine.note_logits`."""
+        return self.note_head(hidden, self.token_parts[tokens])
 
     def token_rows(self) -> tuple[Tensor, Tensor | None]:
         """(V, D) token rows shared by input and output, and the output bias (or None)."""
         if self.factored is not None:
-            return self.factored.weight(), self.factored.bias
+            return self.factored.weight(self.token_parts), self.factored.bias
         return self.token_embedding.weight, None
 
     def angles(self, start: int, length: int, device) -> tuple[Tensor, Tensor]:
@@ -154,7 +159,7 @@ class CausalTransformer(nn.Module):
         if cache is not None:
             cache.length += length
         h = self.norm(x)
-        return FMOutput(F.linear(h, rows, bias), self.velocity_head(h), self.voice_head(h))
+        return FMOutput(F.linear(h, rows, bias), h)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -93,9 +93,10 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def batch_losses(out: FMOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def batch_losses(model: torch.nn.Module, out: FMOutput, batch: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
     """:func:`model.fm.loss.sequence_loss` of a :func:`collate` batch."""
-    return sequence_loss(out, batch["targets"], batch["velocity"], batch["voice"], batch["mask"],
+    return sequence_loss(model, out, batch["targets"], batch["velocity"], batch["voice"], batch["mask"],
                          batch["is_note"])
 
 
@@ -118,7 +119,7 @@ def train_step(model: FieldMachine, optimizer: torch.optim.Optimizer, batch: dic
         group["lr"] = lr
     with autocast(device, dtype):
         out = model(batch["dna"], batch["slots"])
-    losses = batch_losses(out, batch)
+        losses = batch_losses(model, out, batch)
     return losses, optimizer_step(model, optimizer, losses["total"], grad_clip)
 
 
@@ -137,7 +138,7 @@ def validation_loss(model: FieldMachine, examples: list[Example], cfg: TrainConf
                 yield model(batch["dna"], batch["slots"]), batch
 
     model.eval()
-    loss = mean_token_loss(scored())
+    loss = mean_token_loss(model, scored())
     model.train()
     return loss
 
@@ -148,12 +149,12 @@ def validation_spans(examples: list[Example], cfg: TrainConfig) -> list[list[tup
     return [spans[k:k + cfg.batch_size] for k in range(0, len(spans), cfg.batch_size)]
 
 
-def mean_token_loss(scored: Iterable[tuple[FMOutput, dict[str, torch.Tensor]]]) -> float:
+def mean_token_loss(model: torch.nn.Module, scored: Iterable[tuple[FMOutput, dict[str, torch.Tensor]]]) -> float:
     """Mean next-token NLL (nats/token) over every real target of ``(outputs, batch)`` pairs."""
     total, count = 0.0, 0
     for out, batch in scored:
         n = int(batch["mask"].sum())
-        total += batch_losses(out, batch)["token"].item() * n
+        total += batch_losses(model, out, batch)["token"].item() * n
         count += n
     return total / count
 
