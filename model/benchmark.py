@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="measure this checkpoint's model instead")
     parser.add_argument("--dim", type=int, default=4096, help="field width (random model)")
-    parser.add_argument("--decoder_hidden", type=int, default=2048, help="decoder width (random model)")
+    parser.add_argument("--field_layers", type=int, default=ModelConfig.__dataclass_fields__["field_layers"].default,
+                        help="field layers (random model; 0 = one field and an MLP decoder)")
+    parser.add_argument("--width", type=int, default=ModelConfig.__dataclass_fields__["width"].default,
+                        help="residual width between field layers (random model)")
+    parser.add_argument("--decoder_hidden", type=int, default=2048, help="decoder width, or each field layer's MLP width (random model)")
     parser.add_argument("--vocab_size", type=int, default=16667, help="vocabulary (random model)")
     parser.add_argument("--readout", default="demod", choices=("field", "demod"), help="readout (random model)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
@@ -80,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         config = model.config
     else:
         shape = asdict(Tokenizer().shape) | {"vocab_size": args.vocab_size}  # the default tokenizer's tables
-        config = ModelConfig(**shape, dim=args.dim, decoder_hidden=args.decoder_hidden,
-                             readout=args.readout, dropout=0.0)
+        config = ModelConfig(**shape, dim=args.dim, field_layers=args.field_layers, width=args.width,
+                             decoder_hidden=args.decoder_hidden, readout=args.readout, dropout=0.0)
         model = FieldMachine(config).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})")
     print(f"device {name}; weights/autocast {str(dtype).removeprefix('torch.')}; "
-          f"dim {config.dim}, decoder {config.decoder_layers}x{config.decoder_hidden}, "
+          f"dim {config.dim}, " + (f"{config.field_layers} field layers of {config.field_floats} floats, "
+                                   f"width {config.width}, MLPs {config.decoder_hidden}, "
+                                   if config.field_layers else
+                                   f"decoder {config.decoder_layers}x{config.decoder_hidden}, ") +
           f"vocab {config.vocab_size}, readout {config.readout}{'+direct' if config.direct else ''}; "
           f"{model.parameter_count() / 1e6:.2f} M parameters; state {config.state_floats} floats "
           f"({config.state_floats * 4 + 8} bytes) per stream")

@@ -45,7 +45,9 @@ from model.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1  # config.json "format"; bump when the layout or a file's meaning changes
+# config.json "format"; bump when the layout or a file's meaning changes. 2: the note head
+# (voice and velocity given the chosen token) and field layers.
+CHECKPOINT_FORMAT = 2
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -279,8 +281,10 @@ def _read_config(file: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(data).__name__}")
     if data.get("format") != CHECKPOINT_FORMAT:
+        hint = (": it was trained before voice and velocity were chosen for each note; train it again "
+                "with python -m model.train" if data.get("format") == 1 else "")
         raise CheckpointError(f"{file}: checkpoint format {data.get('format')!r}, this code reads "
-                              f"format {CHECKPOINT_FORMAT}")
+                              f"format {CHECKPOINT_FORMAT}{hint}")
     checks = {
         "model": (lambda v: isinstance(v, dict), "an object"),
         "train": (lambda v: v is None or isinstance(v, dict), "an object or null"),

@@ -1,11 +1,25 @@
-"""The Field Machine: token DNA -> projection x position code -> cumulative field -> MLP decoder.
+"""The Field Machine: token DNA -> projection x position code -> cumulative field(s) -> heads.
 
-::
+The deep machine (``ModelConfig.field_layers`` > 0, the default)::
 
     dna(23) = 7 floats + 16-dim voice embedding
+    x_t     = Linear(23, width)(dna_t)                             (the residual stream)
+    per layer l (model/fm/field_layer.py):
+      field_l,t = lam * field_l,t-1 + Linear(width, F)(norm(x_t)) * pos(t)   (its own field)
+      x_t      += Linear(F, width)(demod(field_l,t));  x_t += MLP(norm(x_t))
+    h_t     = norm(x_t) -> next-token logits; note head(h_t, chosen token) -> voice, velocity
+
+Each layer keeps its own field of ``F = dim / field_layers`` floats: a stream's state is still one
+``dim``-float vector (the layers' fields side by side) and its position. Training is one
+cumulative sum per layer; a step is one multiply-add per channel per layer. A later layer sums
+what earlier layers *read*, not only token vectors, so the stack can keep apart what one sum
+mixes (the alto's last note, the bass line, the current chord).
+
+The one-field machine (``field_layers`` 0, the seed's design)::
+
     x_t     = Linear(23, dim)(dna_t) * pos(t)            (multiplied, not added)
     field_t = x_0 + ... + x_t                            (one cumsum for training)
-    logits  = decoder(readout(field_t [, x_t]))          (next token, velocity level, voice)
+    h_t     = decoder(readout(field_t [, x_t]))          (MLP)
 
 Generation is O(1) per token: a stream's whole history is its field vector plus its position
 (:class:`model.fm.state.FieldState`), and :meth:`model.fm.machine.FieldMachine.step` advances a batch of streams, each at its own
@@ -42,9 +56,16 @@ projection: pitch (from pitch class and octave), pitch class, octave, duration, 
 map of (sin, cos, octave) cannot single out one pitch; a row per pitch can. Still DNA in, one
 vector out: the field and the step are unchanged.
 
-``ModelConfig.field_dropout`` drops channels of the decoder's view of the field while training.
+``ModelConfig.field_dropout`` drops channels of the one-field decoder's view of the field while
+training.
+
+The note head (:mod:`.note_head`): a note's voice and velocity are predicted from ``h_t``
+*together with the chosen token* (teacher-forced on the true one in training; generation samples
+them after the token, with the stream's own random numbers). A head that never saw the note could
+only name the most common voice.
 
 Modules: :mod:`.config` (``ModelConfig``), :mod:`.state` (a stream's state and the model's
-outputs), :mod:`.machine` (the model), :mod:`.lookup` and :mod:`.factored_head` (optional parts),
-:mod:`.loss` (the training loss).
+outputs), :mod:`.field` (position code, sums and readout of one field), :mod:`.field_layer` (one
+residual field layer), :mod:`.machine` (the model), :mod:`.note_head` (voice and velocity),
+:mod:`.lookup` and :mod:`.factored_head` (optional parts), :mod:`.loss` (the training loss).
 """

@@ -101,9 +101,11 @@ def deep_fm(name: str, shape: dict, parameters: int, dropout: float) -> FieldMac
     for width in range(32, 4097, 32):
         candidate = ModelConfig(**shape, dim=floats, field_layers=layers, width=width,
                                 decoder_hidden=4 * width, dropout=dropout, **DEEP_CHOICES)
-        if config is not None and FieldMachine(candidate).parameter_count() > parameters:
+        if FieldMachine(candidate).parameter_count() > parameters:
             break
         config = candidate
+    if config is None:
+        raise ValueError(f"{name}: even width 32 needs more than --deep_parameters {parameters:,}")
     return FieldMachine(config)
 
 
