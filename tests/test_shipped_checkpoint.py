@@ -63,3 +63,24 @@ def test_server_serves_it_by_default():
     # The key pull keeps the answer near the C major the prompt played.
     in_triad = {pull: np.mean([n["pitch"] % 12 in (0, 4, 7) for n in notes]) for pull, notes in answers.items()}
     assert in_triad[1.5] > max(0.5, in_triad[0.0])
+
+
+CHORALE = ((72, 72, 74, 76, 74, 72, 71, 72), (67, 69, 67, 67, 67, 65, 67, 64),
+           (64, 65, 62, 60, 59, 60, 62, 60), (48, 53, 55, 48, 55, 53, 55, 48))  # soprano .. bass
+
+
+def test_a_four_voice_prompt_continues_in_four_voices_each_in_its_range():
+    """Two bars of a four-part chorale (voice 0 soprano .. 3 bass) as the prompt: the answer keeps
+    four parts, none taking most of the notes, and the soprano above the alto above the tenor
+    above the bass, as a listener hears a chorale (not one voice jumping around middle C)."""
+    prompt = [{"pitch": p, "velocity": 80, "start": i * 1.0, "duration": 1.0, "voice": v}
+              for v, line in enumerate(CHORALE) for i, p in enumerate(line)]
+    with running_server(ServerConfig()) as server, server.connect() as ws:
+        start_session(ws, seed=5, key_pull=0.0, prompt_notes=prompt)
+        notes = collect_notes(ws, 96, timeout=120)
+    by_voice = {v: [n["pitch"] for n in notes if n["voice"] == v] for v in range(4)}
+    counts = {v: len(p) for v, p in by_voice.items()}
+    assert all(c >= 6 for c in counts.values()), counts
+    assert max(counts.values()) <= 0.5 * len(notes), counts
+    means = [np.mean(by_voice[v]) for v in range(4)]
+    assert means == sorted(means, reverse=True), means

@@ -46,13 +46,11 @@ class FactoredHead(nn.Module):
         return sum(table(parts[:, i]) for i, table in enumerate(self.tables))
 
     def forward(self, h: Tensor, parts: Tensor) -> Tensor:
-        # h @ (P + Q + R).T = h @ P.T + h @ Q.T + h @ R.T: three products with the small tables
-        # (7 * 420 rows in all), then a gather to the V tokens, instead of one with V rows.
         if torch.is_grad_enabled():
-            logits = self.bias.to(h.dtype)
-            for i, table in enumerate(self.tables):
-                logits = logits + torch.index_select(F.linear(h, table.weight), -1, parts[:, i])
-            return logits
+            # Training: build the (V, width) rows once per batch and take one product. Gathering
+            # the three small tables' products out to V columns instead moves (B*T, V) floats six
+            # times forward and back (measured 2.5x slower for the whole step at width 160).
+            return F.linear(h, self.weight(parts).to(h.dtype), self.bias.to(h.dtype))
         # Inference: gather whole rows of the transposed products (V, N) rather than columns of
         # (N, V) -- 6x faster on CPU for a batch of 128 streams. Same sums, same order.
         flat = h.reshape(-1, h.shape[-1])
