@@ -198,6 +198,7 @@ class Connection:
             await registry.engine.release(session.stream)
             await self.refuse_full(per_client=not registry.full)
             return
+        session.programs = msg.programs
         self.bind(session)
         registry.add(session)
         await self.send(SessionReply(id=session.id, resume_token=session.resume_token, clock=session.stream.clock,
@@ -248,6 +249,8 @@ class Connection:
     async def on_set(self, msg: SetMessage) -> None:
         session = self.session
         session.stream.sampling = msg.applied_to(session.stream.sampling)
+        if msg.programs is not None:
+            session.programs = msg.programs
         if msg.bpm is not None and msg.bpm != session.stream.timeline.bpm:
             session.retime(bpm=msg.bpm)
             session.wake.set()

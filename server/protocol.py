@@ -22,6 +22,7 @@ MAX_PROMPT_NOTES = 4096
 MAX_PLAYED_NOTES = 512  # per "notes" frame
 MIN_BPM, MAX_BPM = 20.0, 400.0
 DEFAULT_BPM = 120.0
+VOICES = 16  # voices 0-15 (a played note's ``voice``, a program per voice)
 
 
 class ErrorCode(StrEnum):
@@ -83,7 +84,7 @@ class PlayedNote(Strict):
     start: float = Field(ge=0, le=86_400, description="seconds: on the session clock for played "
                          "notes; from the prompt's beginning for prompt notes")
     duration: float = Field(default=0.25, gt=0, le=60, description="seconds")
-    voice: int = Field(default=0, ge=0, le=15, description="voice (track) 0-15")
+    voice: int = Field(default=0, ge=0, le=VOICES - 1, description=f"voice (track) 0-{VOICES - 1}")
 
 
 def _sampling_field(name: str):
@@ -119,6 +120,18 @@ class Settings(Strict):
                                    if getattr(self, name) is not None})
 
 
+Program = Annotated[int, Field(ge=0, le=127)]
+
+
+class VoiceFields(Strict):
+    """How the voices sound, for clients that play them (the MIDI bridge); the server only keeps it."""
+
+    programs: list[Program | None] | None = Field(
+        default=None, max_length=VOICES,
+        description=f"a General MIDI program 0-127 per voice (index = voice, at most {VOICES}); null leaves a "
+                    "voice's program alone")
+
+
 class PromptFields(Strict):
     prompt_midi: str | None = Field(default=None, description="a .mid file, base64-encoded")
     prompt_notes: list[PlayedNote] | None = Field(default=None, max_length=MAX_PROMPT_NOTES)
@@ -131,7 +144,7 @@ class PromptFields(Strict):
 
 
 # ----------------------------------------------------------------------------- client -> server
-class StartMessage(Settings, PromptFields):
+class StartMessage(Settings, VoiceFields, PromptFields):
     type: Literal["start"]
     resume_token: str | None = Field(default=None, description="continue a dropped session")
 
@@ -141,7 +154,7 @@ class NotesMessage(Strict):
     notes: list[PlayedNote] = Field(max_length=MAX_PLAYED_NOTES)
 
 
-class SetMessage(Settings):
+class SetMessage(Settings, VoiceFields):
     type: Literal["set"]
 
 
@@ -186,10 +199,13 @@ class StateReply(BaseModel):
     min_p: float
     seed: int
     key_pull: float
+    programs: list[int | None] | None = None
 
     @classmethod
-    def of(cls, state: Literal["playing", "paused"], bpm: float, sampling: SamplingConfig) -> "StateReply":
-        return cls(state=state, bpm=bpm, **{name: getattr(sampling, name) for name in SETTING_RANGES})
+    def of(cls, state: Literal["playing", "paused"], bpm: float, sampling: SamplingConfig,
+           programs: list[int | None] | None = None) -> "StateReply":
+        return cls(state=state, bpm=bpm, programs=programs,
+                   **{name: getattr(sampling, name) for name in SETTING_RANGES})
 
 
 class OutNote(BaseModel):

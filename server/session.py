@@ -37,6 +37,7 @@ class Session:
         self.resume_token = secrets.token_urlsafe(24)
         self.stream: Stream | None = None
         self.paused = False  # asked for by the client (a detached session is paused too)
+        self.programs: list[int | None] | None = None  # a GM program per voice, kept for the client
         self.connection: Connection | None = None
         self.pending: list[tuple[float, int, StreamNote]] = []  # heap by beat
         self._order = itertools.count()
@@ -84,7 +85,8 @@ class Session:
         self.wake.set()
 
     def state_reply(self) -> StateReply:
-        return StateReply.of("paused" if self.paused else "playing", self.stream.timeline.bpm, self.stream.sampling)
+        return StateReply.of("paused" if self.paused else "playing", self.stream.timeline.bpm, self.stream.sampling,
+                             self.programs)
 
     def due_notes(self) -> tuple[list[OutNote], float | None]:
         """Pop the notes due to leave now; also the seconds until the next one is due."""

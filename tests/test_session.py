@@ -157,6 +157,24 @@ def test_set_changes_the_next_notes(live_server):
         assert (late[-1]["start"] - late[0]["start"]) / span_beats == pytest.approx(0.25, rel=0.01)
 
 
+def test_programs_are_kept_and_echoed_in_the_state(live_server):
+    with live_server.connect() as ws:
+        _, state = start_session(ws, seed=4, bpm=FAST, programs=[0, None, 41])
+        assert state["programs"] == [0, None, 41]
+        ws.send(json.dumps({"type": "set", "temperature": 1.2}))  # other settings leave them alone
+        assert receive_until(ws, "state")["programs"] == [0, None, 41]
+        ws.send(json.dumps({"type": "set", "programs": [73, 73]}))
+        assert receive_until(ws, "state")["programs"] == [73, 73]
+        ws.send(json.dumps({"type": "set", "programs": [0, 128]}))
+        error = receive_until(ws, "error")
+        assert error["code"] == "invalid_message" and "programs.1" in error["message"]
+        ws.send(json.dumps({"type": "pause"}))
+        assert receive_until(ws, "state")["programs"] == [73, 73]  # the bad set changed nothing
+    with live_server.connect() as ws:
+        _, state = start_session(ws, seed=4, bpm=FAST)
+        assert state["programs"] is None
+
+
 def test_played_notes_change_the_continuation(live_server):
     reference = stream_of(live_server, 60, seed=31)
     with live_server.connect() as ws:
@@ -295,6 +313,11 @@ BAD_FRAMES = [
     (json.dumps({"type": "start", "key_pull": -1}), "invalid_message"),
     (json.dumps({"type": "start", "key_pull": 11}), "invalid_message"),
     (json.dumps({"type": "start", "bogus": 1}), "invalid_message"),
+    (json.dumps({"type": "start", "programs": [0, 128]}), "invalid_message"),
+    (json.dumps({"type": "start", "programs": [-1]}), "invalid_message"),
+    (json.dumps({"type": "start", "programs": ["piano"]}), "invalid_message"),
+    (json.dumps({"type": "start", "programs": [0] * 17}), "invalid_message"),
+    (json.dumps({"type": "start", "programs": 40}), "invalid_message"),
     (json.dumps({"type": "start", "prompt_midi": "bm90IGEgbWlkaSBmaWxl"}), "invalid_prompt"),
     (json.dumps({"type": "start", "prompt_midi": "%%% not base64"}), "invalid_prompt"),
     (json.dumps({"type": "notes", "notes": [{"pitch": 60, "start": 0}]}), "not_started"),
@@ -324,6 +347,7 @@ BAD_IN_SESSION = [
     ({"type": "set", "bpm": 500}, "invalid_message"),
     ({"type": "set", "key_pull": "strong"}, "invalid_message"),
     ({"type": "set", "prompt_midi": "AAAA"}, "invalid_message"),
+    ({"type": "set", "programs": [0, 200]}, "invalid_message"),
     ({"type": "start"}, "already_started"),
 ]
 
