@@ -41,17 +41,24 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from server.protocol import MAX_PLAYED_NOTES, Settings
+from client.clock_follow import TEMPO_CHANGE, ClockFollower
+from client.midi_channels import GM_DRUM_CHANNEL, ChannelMap, parse_programs, program_change, silence
+from client.midi_clock import ClockSender, is_clock_message
+from server.protocol import MAX_BPM, MAX_PLAYED_NOTES, MIN_BPM, Settings
 
 logger = logging.getLogger(__name__)
 
-NOTE_OFF, NOTE_ON, CONTROL = 0x80, 0x90, 0xB0
-ALL_NOTES_OFF = 123
+NOTE_OFF, NOTE_ON = 0x80, 0x90
 RESUME_SECONDS = 60.0          # how long the server keeps a dropped session
 BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 STOP_WAIT_SECONDS = 2.0
 EARLY_SECONDS = 2.0            # played notes this long before session time 0 still go in, at 0
 APIS = ("auto", "jack", "alsa", "coremidi", "winmm")
+CLOCK_MODES = ("off", "in", "out")
+
+
+class PortNotFound(LookupError):
+    """A MIDI port named on the command line does not exist (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- MIDI ports
@@ -125,16 +132,19 @@ def find_port(ports: list[str], name: str) -> int | None:
     return matches[0] if matches else None
 
 
-def open_input(api_label: str, port_name: str, client_name: str):
+def open_input(api_label: str, port_name: str, client_name: str, clock: bool = False):
+    """Opens the input matching ``port_name``; with ``clock`` it keeps the timing messages (MIDI
+    clock, Start, Continue, Stop, Song Position), which rtmidi drops by default. Raises
+    :class:`PortNotFound`."""
     rtmidi = _rtmidi()
     api = {rtmidi.get_api_name(a): a for a in rtmidi.get_compiled_api()}[api_label]
     inp = rtmidi.MidiIn(api, client_name)
     ports = inp.get_ports()
     index = find_port(ports, port_name)
     if index is None:
-        raise SystemExit(f"no MIDI input matches '{port_name}'; inputs: {', '.join(ports) or 'none'}")
+        raise PortNotFound(f"no MIDI input matches '{port_name}'; inputs: {', '.join(ports) or 'none'}")
     inp.open_port(index)
-    inp.ignore_types(sysex=True, timing=True, active_sense=True)
+    inp.ignore_types(sysex=True, timing=not clock, active_sense=True)
     return inp, ports[index]
 
 
@@ -156,14 +166,16 @@ class MidiScheduler:
     The thread waits on a condition until ``SPIN_SECONDS`` before the earliest deadline (a new,
     earlier note wakes it), then spins to the deadline and sends everything due. A key struck again
     while it sounds is released and struck again, and only the last of its note-offs is sent, so
-    overlapping notes of one pitch never cut each other short. :meth:`all_notes_off` drops what is
-    pending and silences what sounds.
+    overlapping notes of one pitch never cut each other short. ``programs`` (channel -> program)
+    go out once each, just before their channel's first note. :meth:`all_notes_off` drops what is
+    pending and silences what sounds (:func:`client.midi_channels.silence`).
     """
 
     SPIN_SECONDS = 0.001
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, programs: dict[int, int] | None = None) -> None:
         self._send = send                      # callable taking a list of MIDI bytes
+        self._programs = dict(programs or {})  # not sent yet
         self._heap: list[tuple[float, int, int, int, int, int]] = []
         self._order = itertools.count()
         self._cv = threading.Condition()
@@ -211,11 +223,8 @@ class MidiScheduler:
         self._thread.join(timeout=2)
 
     def _silence(self) -> None:
-        for (channel, pitch), count in self._sounding.items():
-            if count:
-                self._send([NOTE_OFF | channel, pitch, 0])
-        for channel in sorted(self._channels):
-            self._send([CONTROL | channel, ALL_NOTES_OFF, 0])
+        for message in silence([key for key, count in self._sounding.items() if count], self._channels):
+            self._send(message)
         self._sounding.clear()
         self._channels.clear()
 
@@ -247,6 +256,8 @@ class MidiScheduler:
         if is_on:
             if self._sounding[key]:
                 self._send([NOTE_OFF | channel, pitch, 0])
+            if channel in self._programs:
+                self._send(program_change(channel, self._programs.pop(channel)))
             self._sounding[key] += 1
             self._channels.add(channel)
             self._send([NOTE_ON | channel, pitch, velocity])
@@ -262,7 +273,9 @@ class InputReader:
     """Polls a MIDI input from a thread and hands each message with its arrival time to ``handle``.
 
     Polling (every half millisecond) rather than rtmidi's callback keeps Python, and its GIL, out
-    of the MIDI system's own thread (JACK's process cycle).
+    of the MIDI system's own thread (JACK's process cycle). The arrival time is the MIDI system's
+    own (the sum of rtmidi's deltas, taken when the message came in) placed on the wall clock by
+    the smallest delay seen between it and the poll, so a late poll does not make a clock tick late.
     """
 
     POLL_SECONDS = 0.0005
@@ -275,12 +288,17 @@ class InputReader:
         self._thread.start()
 
     def _run(self) -> None:
+        midi_time, anchor = 0.0, None
         while self._running:
             item = self._in.get_message()
             if item is None:
                 time.sleep(self.POLL_SECONDS)
-            else:
-                self._handle(item[0], time.time())
+                continue
+            message, delta = item
+            midi_time += delta
+            polled = time.time() - midi_time
+            anchor = polled if anchor is None else min(anchor, polled)
+            self._handle(message, anchor + midi_time)
 
     def close(self) -> None:
         self._running = False
@@ -288,17 +306,43 @@ class InputReader:
         self._in.close_port()
 
 
+# ----------------------------------------------------------------------------- the players
+class DirectPlayer:
+    """Plays each note at the session's time for it (``clock + start``), ``latency`` seconds early."""
+
+    def __init__(self, scheduler: MidiScheduler, channel_of, latency: float = 0.0) -> None:
+        self.scheduler = scheduler
+        self.channel_of = channel_of
+        self.latency = latency
+
+    def play(self, notes: list[dict], clock: float) -> None:
+        for n in notes:
+            self.scheduler.note(clock + float(n["start"]) - self.latency, float(n["duration"]),
+                                self.channel_of(int(n.get("voice", 0))), int(n["pitch"]), int(n["velocity"]))
+
+    def silence(self) -> None:
+        self.scheduler.all_notes_off()
+
+
 # ----------------------------------------------------------------------------- the bridge
 class Bridge:
-    """The WebSocket side: one session, resumed across dropped connections."""
+    """The WebSocket side: one session, resumed across dropped connections.
 
-    def __init__(self, url: str, start: dict, scheduler: MidiScheduler, channel: int | None = None,
-                 api_key: str = "") -> None:
+    ``player`` turns the server's notes into MIDI (a :class:`DirectPlayer`, or a
+    :class:`~client.clock_follow.ClockFollower` with ``--clock in``, whose transport and tempo the
+    bridge passes on as ``pause``/``resume`` and ``set``); ``clock_out`` (``--clock out``) is told
+    the session's timeline.
+    """
+
+    def __init__(self, url: str, start: dict, player, api_key: str = "",
+                 clock_out: ClockSender | None = None) -> None:
         self.url = url
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.start = start
-        self.scheduler = scheduler
-        self.channel = channel
+        self.player = player
+        self.clock_out = clock_out
+        self.following = isinstance(player, ClockFollower)
+        self.bpm: float | None = None  # the tempo in force (the last state reply)
         self.ws: ClientConnection | None = None
         self.clock: float | None = None
         self.token: str | None = None
@@ -319,6 +363,8 @@ class Bridge:
         attempt, lost_at = 0, None
         while not self.stopping:
             first = {"type": "start", "resume_token": self.token} if self.token else {"type": "start", **self.start}
+            if self.following and not self.token and self.player.tracker.bpm is not None:
+                first["bpm"] = self._usable(self.player.tracker.bpm)  # the DAW's tempo from the first note
             self._went_live = False
             try:
                 async with connect(self.url, open_timeout=10, max_size=1 << 22,
@@ -343,7 +389,7 @@ class Bridge:
             finally:
                 self.ws = None
                 self.live = False
-                self.scheduler.all_notes_off()  # nothing may hang while we are away
+                self.player.silence()  # nothing may hang while we are away
             if self.stopped or self.stopping:
                 break
             if self._went_live:
@@ -371,13 +417,21 @@ class Bridge:
                 self.clock = float(msg["clock"])
                 self.token = msg["resume_token"]
                 self.live = self._went_live = True
-                self.scheduler.sync_clock()
+                self.player.scheduler.sync_clock()
                 logger.info("%s session %s (lookahead %.2f s)", "resumed" if msg.get("resumed") else "started",
                             msg["id"], msg.get("lookahead", 0))
+                if self.following:  # the session runs while the DAW's transport does
+                    await self._send({"type": "resume" if self.player.tracker.running else "pause"})
                 await self._flush_played()
             elif kind == "state":
                 logger.info("%s: %s", msg.get("state"),
                             ", ".join(f"{k}={v}" for k, v in msg.items() if k not in ("type", "state")))
+                self.bpm = float(msg["bpm"])
+                if self.clock_out is not None and self.received == 0:
+                    self.clock_out.follow(0.0, self.clock, self.bpm)  # a new session's beat 0 is at its clock
+                daw_bpm = self.player.tracker.bpm if self.following else None
+                if daw_bpm is not None and abs(self._usable(daw_bpm) / self.bpm - 1) > TEMPO_CHANGE:
+                    await self._send({"type": "set", "bpm": self._usable(daw_bpm)})
             elif kind == "notes":
                 self._schedule(msg["notes"])
             elif kind == "error":
@@ -391,12 +445,31 @@ class Bridge:
                 logger.info("stopped after %s notes", msg.get("notes_sent"))
 
     def _schedule(self, notes: list[dict]) -> None:
-        clock = self.clock
-        for n in notes:
-            channel = self.channel if self.channel is not None else int(n.get("voice", 0)) % 16
-            self.scheduler.note(clock + float(n["start"]), float(n["duration"]), channel, int(n["pitch"]),
-                                int(n["velocity"]))
+        self.player.play(notes, self.clock)
+        if self.clock_out is not None and notes and self.bpm is not None:
+            last = notes[-1]
+            self.clock_out.follow(float(last["beat"]), self.clock + float(last["start"]), self.bpm)
         self.received += len(notes)
+
+    async def _send(self, message: dict) -> None:
+        if self.ws is not None and self.live:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(json.dumps(message))
+
+    @staticmethod
+    def _usable(bpm: float) -> float:
+        return round(min(MAX_BPM, max(MIN_BPM, bpm)), 2)
+
+    # ---- the DAW's transport (from the MIDI input thread, with --clock in)
+    def on_transport(self, running: bool) -> None:
+        if self._loop is not None:
+            message = {"type": "resume" if running else "pause"}
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(message)))
+
+    def on_tempo(self, bpm: float) -> None:
+        if self._loop is not None:
+            message = {"type": "set", "bpm": self._usable(bpm)}
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(message)))
 
     async def stop(self) -> None:
         """Asks the server to stop; closes the connection if it does not answer in time."""
@@ -478,7 +551,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", metavar="PORT", default=None,
                         help="forward notes played on this MIDI input (exact name or a part of it) to the session")
     parser.add_argument("--channel", type=int, choices=range(1, 17), metavar="1-16", default=None,
-                        help="send every voice on this channel (default: voice n on channel n+1)")
+                        help="send every voice on this one channel (default: a channel per voice, see "
+                             "--drums-channel)")
+    parser.add_argument("--drums-channel", type=_channel_or_none, metavar="1-16|none", default=GM_DRUM_CHANNEL,
+                        help="the channel the voices leave free (General MIDI plays drums on 10): voices 0-8 "
+                             "take channels 1-9 and voices 9-14 channels 11-16; 'none' gives voice n channel n+1")
+    parser.add_argument("--programs", type=_programs, metavar="P,P,...", default=None,
+                        help="a General MIDI program 0-127 per voice, in voice order ('-' or empty: leave that "
+                             "voice alone), sent in start and as a program change before each channel's first note")
+    parser.add_argument("--clock", choices=CLOCK_MODES, default="off",
+                        help="'in': follow the MIDI clock and transport (Start, Stop, Continue, Song Position) of "
+                             "--clock-port; 'out': send MIDI clock, Start and Stop at the session's tempo on the "
+                             "output port")
+    parser.add_argument("--clock-port", metavar="PORT", default=None,
+                        help="the input the DAW sends its clock to (default: --input)")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="send notes this many milliseconds early (negative: late), to make up for latency "
+                             "after the port")
     parser.add_argument("--list-ports", action="store_true", help="list the MIDI inputs and outputs and exit")
     parser.add_argument("--prompt_midi", "--prompt-midi", metavar="FILE", type=Path, default=None,
                         help="a .mid file the session continues")
@@ -492,10 +581,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _channel_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if text.isdigit() and 1 <= int(text) <= 16:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a channel 1-16 or 'none'")
+
+
+def _programs(text: str) -> list[int | None]:
+    try:
+        return parse_programs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def start_message(args: argparse.Namespace) -> dict:
     """The ``start`` fields from the command line, checked against the protocol's ``Settings``."""
     settings = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
     Settings.model_validate(settings)
+    if args.programs is not None:
+        settings["programs"] = args.programs
     if args.prompt_midi is not None:
         settings["prompt_midi"] = base64.b64encode(args.prompt_midi.read_bytes()).decode("ascii")
     return settings
@@ -524,6 +630,45 @@ def summary(scheduler: MidiScheduler) -> str:
     return f"{scheduler.sent_notes} notes; note-on sent after its time by p50 {p50:.2f} ms, p99 {p99:.2f} ms"
 
 
+class _LockedSend:
+    """One MIDI output written from several threads (the scheduler, the clock sender)."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+
+    def __call__(self, message: list[int]) -> None:
+        with self._lock:
+            self._send(message)
+
+
+def _open_inputs(args: argparse.Namespace, api_label: str, bridge: Bridge) -> list[InputReader]:
+    """The ``--input`` (played notes) and ``--clock-port`` readers; one reader when they are one port."""
+    clock_port = args.clock_port or args.input if args.clock == "in" else None
+    if args.clock == "in" and clock_port is None:
+        raise PortNotFound("--clock in needs --clock-port PORT (or --input PORT): the input the DAW sends "
+                           "its MIDI clock to")
+    readers = []
+    follower = bridge.player if bridge.following else None
+
+    def both(message: list[int], stamp: float) -> None:
+        if is_clock_message(message):
+            follower.on_clock(message, stamp)
+        else:
+            bridge.on_midi(message, stamp)
+
+    if args.input:
+        shared = clock_port == args.input
+        inp, name = open_input(api_label, args.input, f"{args.port_name} input", clock=shared)
+        readers.append(InputReader(inp, both if shared else bridge.on_midi))
+        logger.info("MIDI input: %s%s", name, " (and its clock)" if shared else "")
+    if clock_port is not None and clock_port != args.input:
+        inp, name = open_input(api_label, clock_port, f"{args.port_name} clock", clock=True)
+        readers.append(InputReader(inp, follower.on_clock))
+        logger.info("MIDI clock input: %s", name)
+    return readers
+
+
 async def amain(args: argparse.Namespace) -> int:
     try:
         start = start_message(args)
@@ -531,24 +676,36 @@ async def amain(args: argparse.Namespace) -> int:
         raise SystemExit(f"bad start parameters: {exc}") from exc
     out, api_label, described = open_output(args.api, args.port_name, args.output)
     logger.info("MIDI output: %s on %s", described, api_label)
-    scheduler = MidiScheduler(out.send_message)
-    bridge = Bridge(args.url, start, scheduler, channel=None if args.channel is None else args.channel - 1,
-                    api_key=args.api_key)
-    reader = None
+    send = _LockedSend(out.send_message)
+    channels = ChannelMap(args.channel, args.drums_channel, args.programs)
+    scheduler = MidiScheduler(send, channels.channel_programs())
+    latency = args.latency_ms / 1000.0
+    clock_out = ClockSender(send) if args.clock == "out" else None
+    if args.clock == "in":
+        player = ClockFollower(scheduler, channels.channel, latency=latency)
+    else:
+        player = DirectPlayer(scheduler, channels.channel, latency)
+    bridge = Bridge(args.url, start, player, api_key=args.api_key, clock_out=clock_out)
+    if args.clock == "in":
+        player.on_tempo, player.on_transport = bridge.on_tempo, bridge.on_transport
+    readers: list[InputReader] = []
+    status = 1
     try:
-        if args.input:
-            inp, name = open_input(api_label, args.input, f"{args.port_name} input")
-            reader = InputReader(inp, bridge.on_midi)
-            logger.info("MIDI input: %s", name)
+        readers = _open_inputs(args, api_label, bridge)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bridge.stop()))
         status = await bridge.run()
-    finally:
-        if reader is not None:
+    except PortNotFound as exc:
+        logger.error("%s", exc)
+        status = 2
+    finally:  # also on an exception: nothing may keep sounding
+        for reader in readers:
             reader.close()
-        scheduler.close()  # all notes off
+        if clock_out is not None:
+            clock_out.close()
+        scheduler.close()  # every sounding note off, All Notes Off and sustain off on every channel used
         out.close_port()
         logger.info("%s", summary(scheduler))
     return status
