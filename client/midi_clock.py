@@ -9,7 +9,6 @@ a MIDI system; the bridge feeds it from its input thread.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections import deque
@@ -17,7 +16,7 @@ from collections import deque
 CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 TICKS_PER_BEAT = 24
 TICKS_PER_SIXTEENTH = 6
-TEMPO_WINDOW = 24          # the tempo is the median of the last this many clock intervals (a beat)
+TEMPO_WINDOW = 24          # the tempo is read from the last this many clock intervals (a beat)
 MIN_INTERVALS = 6          # intervals needed before the tracker names a tempo
 MAX_TICK_SECONDS = 60.0 / (10 * TICKS_PER_BEAT)  # a longer gap (below 10 bpm) is a halt, not a tempo
 
@@ -30,7 +29,11 @@ def is_clock_message(message: list[int]) -> bool:
 class ClockTracker:
     """A DAW's transport as its clock tells it: running or not, song position and tempo.
 
-    Positions are in clock ticks from the song's start (24 a beat). ``feed`` returns what happened:
+    The tempo and the clocks' times come from a least-squares line through the last beat's clocks
+    (their count against their arrival): a MIDI system hands messages on once a period (JACK: every
+    2.7 ms at 128 frames), so single intervals are quantised (a median of them would be off by
+    several percent) and jittered, but the line through 25 of them is not. Positions are in clock
+    ticks from the song's start (24 a beat). ``feed`` returns what happened:
     ``"start"``, ``"continue"``, ``"stop"``, ``"position"`` (a Song Position Pointer), ``"tick"``, or
     ``None`` for a message it does not know. After Start or Continue the transport counts as
     :attr:`anchored` from its first clock on, when the tick's time is known.
@@ -42,15 +45,16 @@ class ClockTracker:
         self.last_tick: int | None = None     # the position of the last clock since (re)starting
         self.last_time = 0.0                  # and when it came
         self.start_tick = 0                   # the position the transport last started from
-        self._intervals: deque[float] = deque(maxlen=window)
-        self._previous_clock: float | None = None
+        self._clocks: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (clock count, arrival)
+        self._count = 0
 
     def feed(self, message: list[int], at: float) -> str | None:
         status = message[0] if message else None
         if status == CLOCK:
-            if self._previous_clock is not None and 0 < at - self._previous_clock <= MAX_TICK_SECONDS:
-                self._intervals.append(at - self._previous_clock)
-            self._previous_clock = at
+            if self._clocks and not 0 < at - self._clocks[-1][1] <= MAX_TICK_SECONDS:
+                self._after_halt(at)
+            self._count += 1
+            self._clocks.append((self._count, at))
             if self.running:
                 self.last_tick, self.last_time = self.next_tick, at
                 self.next_tick += 1
@@ -71,6 +75,17 @@ class ClockTracker:
             return "position"
         return None
 
+    def _after_halt(self, at: float) -> None:
+        """The clock stopped for a while (DAWs that send it only while playing): the clocks before the
+        halt keep their tempo, moved to end one clock before this one."""
+        line = self._line()
+        if line is None:
+            self._clocks.clear()
+            return
+        tick, last_time = line
+        shift = at - tick - last_time
+        self._clocks = deque(((c, t + shift) for c, t in self._clocks), maxlen=self._clocks.maxlen)
+
     def _begin(self, tick: int) -> None:
         self.running = True
         self.next_tick = self.start_tick = tick
@@ -81,15 +96,25 @@ class ClockTracker:
         """Running, and its first clock since starting has come (so beats have times)."""
         return self.running and self.last_tick is not None
 
+    def _line(self) -> tuple[float, float] | None:
+        """(seconds a clock, the fitted time of the last clock), or None with too few clocks."""
+        if len(self._clocks) <= MIN_INTERVALS:
+            return None
+        n = len(self._clocks)
+        mean_count = sum(c for c, _ in self._clocks) / n
+        mean_time = sum(t for _, t in self._clocks) / n
+        spread = sum((c - mean_count) ** 2 for c, _ in self._clocks)
+        slope = sum((c - mean_count) * (t - mean_time) for c, t in self._clocks) / spread
+        return slope, mean_time + slope * (self._clocks[-1][0] - mean_count)
+
     @property
     def tick_seconds(self) -> float | None:
-        if len(self._intervals) < MIN_INTERVALS:
-            return None
-        return statistics.median(self._intervals)
+        line = self._line()
+        return None if line is None else line[0]
 
     @property
     def bpm(self) -> float | None:
-        """The tempo: the median clock interval of the last beat's worth, as beats a minute."""
+        """The tempo of the last beat's clocks, in beats a minute."""
         tick = self.tick_seconds
         return None if tick is None else 60.0 / (TICKS_PER_BEAT * tick)
 
@@ -99,17 +124,19 @@ class ClockTracker:
 
     def time_of(self, beat: float) -> float | None:
         """When the DAW reaches ``beat`` (from the last clock at the current tempo), if anchored."""
-        tick = self.tick_seconds
-        if not self.anchored or tick is None:
+        line = self._line()
+        if not self.anchored or line is None:
             return None
-        return self.last_time + (beat * TICKS_PER_BEAT - self.last_tick) * tick
+        tick, last_time = line
+        return last_time + (beat * TICKS_PER_BEAT - self.last_tick) * tick
 
     def beat_at(self, at: float) -> float | None:
         """The DAW's position at unix time ``at``, if anchored."""
-        tick = self.tick_seconds
-        if not self.anchored or tick is None:
+        line = self._line()
+        if not self.anchored or line is None:
             return None
-        return (self.last_tick + (at - self.last_time) / tick) / TICKS_PER_BEAT
+        tick, last_time = line
+        return (self.last_tick + (at - last_time) / tick) / TICKS_PER_BEAT
 
 
 class ClockSender:

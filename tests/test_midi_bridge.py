@@ -42,7 +42,7 @@ from tests.timing import ARTIFACTS, spread
 from tests.waiting import wait_for
 
 JACK_RATE, JACK_PERIOD = 48000, 128
-NOTE_ON, NOTE_OFF, CONTROL, ALL_NOTES_OFF = 0x90, 0x80, 0xB0, 123
+NOTE_ON, NOTE_OFF, CONTROL, PROGRAM, SUSTAIN, ALL_NOTES_OFF = 0x90, 0x80, 0xB0, 0xC0, 64, 123
 # Notes due this long before the bridge was told to stop must all have sounded; the ones due after
 # that may or may not, depending on how fast the bridge acts on the stop.
 STOP_MARGIN_SECONDS = 0.25
@@ -341,9 +341,21 @@ def due_before(proxy: RecordingProxy, moment: float) -> list[dict]:
     return [n for due, n in proxy.server_notes(before=moment) if due < moment]
 
 
+# Voice v plays on channel CHANNEL_OF_VOICE[v] (1-16): channel 10, General MIDI's drums, is left out.
+CHANNEL_OF_VOICE = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 1]
+
+
 def message_of(note: dict) -> list[int]:
-    """The note-on the bridge plays for a server note: voice n on channel n+1 (status 0x90 | n)."""
-    return [NOTE_ON | note["voice"] % 16, note["pitch"], note["velocity"]]
+    """The note-on the bridge plays for a server note, on its voice's channel."""
+    return [NOTE_ON | CHANNEL_OF_VOICE[note["voice"]] - 1, note["pitch"], note["velocity"]]
+
+
+def unsilenced_channels(arrivals, after: float) -> set[int]:
+    """Channels (0-15) with a note-on that got no All Notes Off and sustain off (CC 64 = 0) after ``after``."""
+    used = {m[0] & 0x0F for _, m in arrivals if is_note_on(m)}
+    controls = {(m[0] & 0x0F, m[1]) for t, m in arrivals if t > after and len(m) == 3 and m[0] & 0xF0 == CONTROL
+                and m[2] == 0}
+    return {c for c in used if (c, ALL_NOTES_OFF) not in controls or (c, SUSTAIN) not in controls}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -386,8 +398,10 @@ def test_notes_arrive_on_the_port_in_order_with_their_note_offs(jack, proxy, run
     assert not missing, (f"{len(missing)} of the {len(due_before_stop)} notes due before the stop never sounded; "
                          f"the first: {missing[0]}; {overruns}")
 
-    # Every note-on has its note-off, and nothing sounds after the stop's All Notes Off.
+    # Every note-on has its note-off, every channel used gets All Notes Off and sustain off, and
+    # nothing sounds after the stop's All Notes Off.
     assert not unpaired_keys(arrivals), overruns
+    assert not unsilenced_channels(arrivals, stopped_at)
     silenced_at = min(t for t, m in arrivals if is_all_notes_off(m) and t > stopped_at)
     assert not [m for t, m in ons if t > silenced_at], "notes started after the bridge stopped"
 
@@ -483,6 +497,7 @@ def test_a_dropped_connection_silences_and_resumes(jack, proxy, run_bridge):
     asked_again = min(f.time for f in proxy.sent("start") if f.connection == 1)
     all_off = [t for t, m in gap if is_all_notes_off(m) and t > dropped_at]
     assert all_off and min(all_off) < asked_again, "no All Notes Off between the drop and the reconnection"
+    assert not unsilenced_channels(gap, dropped_at), "a channel was not silenced at the drop"
     assert min(all_off) - dropped_at < NOTICE_DROP_SECONDS, f"the drop was noticed {min(all_off) - dropped_at:.1f} s late"
 
 
@@ -530,7 +545,7 @@ def test_scheduler_restrikes_repeated_keys_and_silences_everything():
     scheduler.close()
     assert sent[:5] == [[0x90, 60, 90], [0x91, 48, 80], [0x80, 60, 0], [0x90, 60, 70], [0x80, 60, 0]]
     # The restruck key sounds until the last of its note-offs (the first strike's, at +0.22 s).
-    assert sent[5:] == [[0x81, 48, 0], [0xB0, 123, 0], [0xB1, 123, 0]]
+    assert sent[5:] == [[0x81, 48, 0], [0xB0, 123, 0], [0xB0, 64, 0], [0xB1, 123, 0], [0xB1, 64, 0]]
     assert scheduler.sent_notes == 3 and scheduler.pending() == 0
 
 
@@ -547,3 +562,273 @@ def test_start_parameters_come_from_the_protocol_settings(tmp_path):
     assert start_message(args) == {"temperature": 0.7, "top_k": 20, "prompt_midi": "TVRoZA=="}
     with pytest.raises(ValueError):
         start_message(parser.parse_args(["--top_p", "1.5"]))
+
+
+# ----------------------------------------------------------------------------- a DAW's clock
+class DawClock:
+    """What a DAW sends when it leads: a JACK MIDI output with 24 clocks a beat from a thread, and
+    Start, Stop, Song Position and Continue when the test asks (just before the next clock, which
+    marks the position the transport starts from). It keeps where the transport was at each clock,
+    so :meth:`beat_at` tells the DAW's position at any time while it runs."""
+
+    def __init__(self, name: str, bpm: float) -> None:
+        import rtmidi
+
+        self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name)
+        self.out.open_virtual_port("clock")
+        self.bpm = bpm
+        self.running = False
+        self.song_tick = 0
+        self.clocks: list[tuple[float, int | None, float]] = []  # (time, song position or None, bpm)
+        self._queued: list[list[int]] = []
+        self._lock = threading.Lock()
+        self._alive = True
+        self._thread = threading.Thread(target=self._run, name="daw-clock", daemon=True)
+        self._thread.start()
+
+    def send(self, *messages: list[int]) -> None:
+        with self._lock:
+            self._queued += messages
+
+    def _run(self) -> None:
+        due = time.perf_counter()
+        while self._alive:
+            while time.perf_counter() < due - 0.002:
+                time.sleep(0.001)
+            while time.perf_counter() < due:
+                pass
+            with self._lock:
+                for message in self._queued:
+                    self.out.send_message(message)
+                    if message == [0xFA]:
+                        self.running, self.song_tick = True, 0
+                    elif message == [0xFB]:
+                        self.running = True
+                    elif message == [0xFC]:
+                        self.running = False
+                    elif message[0] == 0xF2:
+                        self.song_tick = (message[1] | message[2] << 7) * 6
+                self._queued = []
+                self.out.send_message([0xF8])
+                self.clocks.append((time.time(), self.song_tick if self.running else None, self.bpm))
+                if self.running:
+                    self.song_tick += 1
+                due += 60.0 / (24 * self.bpm)
+
+    def beat_at(self, at: float) -> float | None:
+        """The DAW's position (beats) at unix time ``at``, or None while stopped."""
+        before = [c for c in list(self.clocks) if c[0] <= at]
+        if not before or before[-1][1] is None:
+            return None
+        sent, tick, bpm = before[-1]
+        return (tick + (at - sent) * 24 * bpm / 60.0) / 24
+
+    def close(self) -> None:
+        self._alive = False
+        self._thread.join(timeout=5)
+        self.out.close_port()
+        del self.out
+
+
+@pytest.fixture
+def daw_clock():
+    clocks = []
+
+    def start(bpm: float) -> tuple[DawClock, str]:
+        name = f"fm test daw {os.getpid()} {len(clocks)}"
+        clocks.append(DawClock(name, bpm))
+        return clocks[-1], name
+
+    yield start
+    for clock in clocks:
+        clock.close()
+
+
+GRID = 12  # the model's onset grid: twelve steps a beat
+
+
+def grid_places(arrivals, daw: DawClock, proxy: RecordingProxy, after_beat: float = -1.0) -> list:
+    """For every note-on while the DAW ran: (its DAW beat, the session beat of the server's note it
+    plays). The first note-on plays the earliest server note of its pitch and channel past session
+    beat ``after_beat``; that fixes the offset between the two timelines, and every later note-on is
+    the note of its pitch and channel nearest to its DAW beat plus that offset."""
+    sent = [n for _, n in proxy.server_notes()]
+    placed, offset = [], None
+    for t, m in arrivals:
+        beat = daw.beat_at(t)
+        if not is_note_on(m) or beat is None:
+            continue
+        same = [n for n in sent if message_of(n) == m]
+        assert same, f"a note-on the server never sent: {m}"
+        if offset is None:
+            first = min((n for n in same if n["beat"] > after_beat), key=lambda n: n["beat"])
+            offset = round((first["beat"] - beat) * GRID) / GRID
+        note = min(same, key=lambda n: abs(n["beat"] - offset - beat))
+        placed.append((beat, note["beat"]))
+    return placed
+
+
+def asked_tempi(proxy: RecordingProxy) -> list[float]:
+    """Every tempo the bridge asked for, in start and set."""
+    return [f.message["bpm"] for f in proxy.sent("start") + proxy.sent("set") if f.message.get("bpm") is not None]
+
+
+def test_the_session_follows_the_daws_tempo(jack, proxy, run_bridge, daw_clock, timing_report):
+    daw, name = daw_clock(100.0)
+    daw.send([0xFA])
+    bridge = run_bridge(f"FM Bridge Tempo {os.getpid()}", "--clock", "in", "--clock-port", name, "--seed", "3")
+    wait_for(lambda: proxy.received("session"), 60, "the session")
+    wait_for(lambda: any(abs(b / 100 - 1) < 0.01 for b in asked_tempi(proxy)), 20,
+             lambda: f"the bridge to ask for 100 bpm; it asked {asked_tempi(proxy)}")
+    changed_at = time.time()
+    daw.bpm = 140.0
+    wait_for(lambda: time.time() > changed_at + 2 * 60 / 140, 5, "two beats at 140 bpm")
+    asked = proxy.sent("set")
+    after = [f for f in asked if f.time <= changed_at + 2 * 60 / 140]
+    assert after and after[-1].message["bpm"] == pytest.approx(140, rel=0.01), [f.message for f in asked]
+    wait_for(lambda: any(f.message["bpm"] == pytest.approx(140, rel=0.01) for f in proxy.received("state")), 10,
+             "the server to take the tempo")
+    stop_bridge(bridge, run_bridge.log)
+    within = min(f.time for f in asked if f.message["bpm"] == pytest.approx(140, rel=0.01)) - changed_at
+    error = abs(after[-1].message["bpm"] / 140 - 1) * 100
+    timing_report("midi_clock_tempo", f"tempo follow 100 -> 140 bpm: within 1 % after {within * 1000:.0f} ms, "
+                  f"off by {error:.2f} % two beats after the change ({len(asked)} set messages)",
+                  within_one_percent_ms=round(within * 1000, 1), error_percent_after_two_beats=round(error, 3),
+                  set_bpm=[f.message["bpm"] for f in asked])
+
+
+def test_notes_fall_on_the_daws_grid_and_stop_continue_land_on_the_beat(jack, proxy, run_bridge, daw_clock,
+                                                                        timing_report):
+    bpm = 120.0
+    daw, name = daw_clock(bpm)
+    port = f"FM Bridge Grid {os.getpid()}"
+    bridge = run_bridge(port, "--clock", "in", "--clock-port", name, "--seed", "5", "--bpm", "120")
+    recorder = Recorder(port)
+    try:
+        wait_for(lambda: proxy.received("session"), 60, "the session")
+        wait_for(lambda: proxy.sent("pause"), 10, "the bridge to pause the session while the DAW is stopped")
+        time.sleep(0.5)
+        assert not [m for m in recorder.messages() if is_note_on(m)], "notes played before the DAW started"
+        daw.send([0xFA])
+        wait_for(lambda: len([m for m in recorder.messages() if is_note_on(m)]) >= 30, 60, "30 notes on the DAW's grid")
+        stopped_at = time.time()
+        daw.send([0xFC])
+        wait_for(lambda: not unsilenced_channels(recorder.arrivals(), stopped_at) and not unpaired_keys(
+            recorder.arrivals()), 10, lambda: f"every channel silenced at the stop: {unpaired_keys(recorder.arrivals())}")
+        stop_arrivals = recorder.arrivals()
+        time.sleep(1.0)  # stopped: nothing may play
+        quiet = [m for t, m in recorder.arrivals() if t > stopped_at + 0.1 and is_note_on(m)]
+        daw.send([0xF2, 64, 0], [0xFB])  # song position: sixteenth 64 = beat 16 (bar 5), and Continue
+        continued_at = time.time()
+        wait_for(lambda: len([1 for t, m in recorder.arrivals() if t > continued_at and is_note_on(m)]) >= 10, 60,
+                 "notes after Continue")
+        log = stop_bridge(bridge, run_bridge.log)
+    finally:
+        recorder.close()
+    assert not quiet, f"notes played while the DAW was stopped: {quiet[:5]}"
+    assert not unpaired_keys(stop_arrivals), "a key left sounding at the stop"
+    assert not unsilenced_channels(stop_arrivals, stopped_at), "a channel without CC 123 / CC 64 = 0 at the stop"
+    assert [f.message for f in proxy.sent("resume")], "the bridge did not resume the session on Start"
+
+    arrivals = recorder.arrivals()
+    before = [(t, m) for t, m in arrivals if t < stopped_at]
+    after = [(t, m) for t, m in arrivals if t > continued_at]
+    errors, last_beat = [], -1.0
+    for part, label in ((before, "after Start"), (after, "after Continue")):
+        placed = grid_places(part, daw, proxy, after_beat=last_beat)
+        # Each note sounds on its beat and subdivision: the nearest step of the grid to where it
+        # sounded is its own place in the bar, so the session's bar lines are the DAW's.
+        for beat, session_beat in placed:
+            assert round(beat * GRID) % (4 * GRID) == round(session_beat * GRID) % (4 * GRID), (
+                f"{label}: the note of session beat {session_beat} sounded at DAW beat {beat:.3f}; "
+                f"{[(round(b, 3), s) for b, s in placed[:8]]}")
+            errors.append((beat - round(beat * GRID) / GRID) * 60 / bpm * 1000)
+        last_beat = max(s for _, s in placed)
+        first = min(beat for beat, _ in placed)
+        start = 0 if label == "after Start" else 16
+        assert start - 0.5 / GRID <= first < start + 4, f"{label} at beat {start}: the first note at {first:.3f}"
+    figures = {key: round(value, 3) for key, value in spread([abs(e) for e in errors]).items()}
+    timing_report("midi_clock_grid", f"notes on the DAW's clock grid ({len(errors)} note-ons at {bpm:g} bpm, "
+                  f"JACK dummy): |error| p50 {figures['p50']:.2f} ms, p99 {figures['p99']:.2f} ms, max "
+                  f"{figures['max']:.2f} ms; signed mean {statistics.fmean(errors):+.2f} ms",
+                  abs_error_ms=figures, signed_mean_error_ms=round(statistics.fmean(errors), 3),
+                  bridge_scheduler=log.strip().splitlines()[-1].split(" INFO ", 1)[-1])
+
+
+def test_clock_out_sends_24_clocks_a_beat_from_a_bar_line(jack, proxy, run_bridge):
+    bpm = 150.0
+    port = f"FM Bridge Lead {os.getpid()}"
+    bridge = run_bridge(port, "--clock", "out", "--bpm", str(bpm), "--seed", "6")
+    recorder = Recorder(port)
+    try:
+        wait_for(lambda: proxy.received("session"), 60, "the session")
+        clock = proxy.received("session")[0].message["clock"]
+        wait_for(lambda: time.time() > clock + 10 * 60 / bpm, 30, "ten beats of the session")
+        stopped_at = time.time()
+        stop_bridge(bridge, run_bridge.log)
+        wait_for(lambda: [0xFC] in recorder.messages(), 10, "Stop after the bridge stopped")
+    finally:
+        recorder.close()
+    arrivals = recorder.arrivals()
+    clocks = [t for t, m in arrivals if m == [0xF8]]
+    starts = [t for t, m in arrivals if m == [0xFA]]
+    assert len(starts) == 1 and starts[0] <= clocks[0], "Start before the first clock, once"
+    beat = 60 / bpm
+    # The DAW's beat 0 (the first clock) is a bar line of the session: a multiple of 4 beats.
+    first_beat = (clocks[0] - clock) / beat
+    assert abs(first_beat - 4 * round(first_beat / 4)) < 0.5 / 24, f"the clock started at session beat {first_beat:.3f}"
+    # Counted over each whole beat up to the stop (the window's edges half a clock off the clocks).
+    b = round(first_beat)
+    counts = []
+    while clock + (b + 1) * beat < stopped_at - beat:
+        low, high = clock + (b - 0.5 / 24) * beat, clock + (b + 1 - 0.5 / 24) * beat
+        counts.append(sum(1 for t in clocks if low <= t < high))
+        b += 1
+    assert len(counts) >= 4 and set(counts) == {24}, counts
+
+
+def test_each_voice_has_its_channel_and_program_and_sigterm_silences(jack, proxy, run_bridge):
+    port = f"FM Bridge Programs {os.getpid()}"
+    programs = [5, 40, 41, 42]
+    bridge = run_bridge(port, "--programs", ",".join(map(str, programs)), "--bpm", "300", "--seed", "5")
+    recorder = Recorder(port)
+    try:
+        wait_for(lambda: len([m for m in recorder.messages() if is_note_on(m)]) >= 30, 60, "30 notes")
+        stopped_at = time.time()
+        bridge.send_signal(signal.SIGTERM)
+        assert bridge.wait(timeout=15) == 0, run_bridge.log.read_text()[-3000:]
+        wait_for(lambda: not unsilenced_channels(recorder.arrivals(), stopped_at), 10, "every channel silenced")
+    finally:
+        recorder.close()
+    assert [f.message["programs"] for f in proxy.sent("start")] == [programs]
+    messages = recorder.messages()
+    voices = {n["voice"] for _, n in proxy.server_notes()}
+    for channel in {m[0] & 0x0F for m in messages if is_note_on(m)}:
+        on_channel = [m for m in messages if m[0] & 0x0F == channel and m[0] & 0xF0 in (NOTE_ON, PROGRAM)]
+        voice = CHANNEL_OF_VOICE.index(channel + 1)
+        assert voice in voices, f"notes on channel {channel + 1}, which no voice plays on"
+        expected = [[PROGRAM | channel, programs[voice]]] if voice < len(programs) else []
+        assert [m for m in on_channel if m[0] & 0xF0 == PROGRAM] == expected, f"channel {channel + 1}"
+        assert on_channel[0][0] & 0xF0 == (PROGRAM if expected else NOTE_ON), "a note before its program"
+    ons = [m for m in messages if is_note_on(m)]
+    sent = [message_of(n) for _, n in sorted(proxy.server_notes(), key=lambda x: x[0])]
+    assert ons == sent[:len(ons)], "a note on the wrong channel"
+    assert not unpaired_keys(recorder.arrivals()), "a key left sounding after SIGTERM"
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (("--programs", "0,128"), "program 128 is outside 0-127"),
+    (("--programs", "piano"), "'piano' is not a program number"),
+    (("--drums-channel", "17"), "not a channel 1-16"),
+], ids=["program-too-high", "program-name", "drums-channel"])
+def test_bad_flags_exit_2_with_a_message(flags, problem):
+    result = subprocess.run([sys.executable, "-m", "client.midi_bridge", *flags], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and problem in result.stderr, result.stderr
+
+
+def test_a_clock_port_that_does_not_exist_exits_2(jack, proxy, run_bridge):
+    bridge = run_bridge(f"FM Bridge No Clock {os.getpid()}", "--clock", "in", "--clock-port", "no such port at all")
+    assert bridge.wait(timeout=30) == 2
+    assert "no MIDI input matches 'no such port at all'" in run_bridge.log.read_text()
+    assert not proxy.sent("start"), "the bridge started a session without its clock"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -25,6 +26,15 @@ def test_the_tempo_is_read_from_the_clock(bpm):
     assert tracker.bpm is None
     ticks(tracker, bpm, 25, 1000.0, jitter=0.0005)  # half a millisecond of jitter on every other clock
     assert tracker.bpm == pytest.approx(bpm, rel=0.01)
+
+
+def test_clocks_handed_on_once_a_period_still_give_the_tempo():
+    """JACK passes MIDI on at period starts: 25 ms intervals arrive as 24.0 or 26.7 ms (2.67 ms periods)."""
+    tracker = ClockTracker()
+    period = 128 / 48000
+    for i in range(60):
+        tracker.feed([CLOCK], math.ceil(i * 0.025 / period) * period)
+    assert tracker.bpm == pytest.approx(100.0, rel=0.005)
 
 
 def test_a_tempo_change_is_followed_within_a_beat():
