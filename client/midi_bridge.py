@@ -356,6 +356,7 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._went_live = False
+        self._pause_at_notes = False  # a new session waiting for its first notes to pause (--clock in)
 
     async def run(self) -> int:
         """Runs until stopped; returns the exit status."""
@@ -420,7 +421,10 @@ class Bridge:
                 self.player.scheduler.sync_clock()
                 logger.info("%s session %s (lookahead %.2f s)", "resumed" if msg.get("resumed") else "started",
                             msg["id"], msg.get("lookahead", 0))
-                if self.following:  # the session runs while the DAW's transport does
+                # The session runs while the DAW's transport does; a new one first sends its opening
+                # notes (held for the DAW's downbeat), then pauses.
+                self._pause_at_notes = self.following and not msg.get("resumed") and not self.player.tracker.running
+                if self.following and not self._pause_at_notes:
                     await self._send({"type": "resume" if self.player.tracker.running else "pause"})
                 await self._flush_played()
             elif kind == "state":
@@ -434,6 +438,10 @@ class Bridge:
                     await self._send({"type": "set", "bpm": self._usable(daw_bpm)})
             elif kind == "notes":
                 self._schedule(msg["notes"])
+                if self._pause_at_notes:
+                    self._pause_at_notes = False
+                    if not self.player.tracker.running:
+                        await self._send({"type": "pause"})
             elif kind == "error":
                 logger.warning("server error %s: %s", msg.get("code"), msg.get("message"))
                 if msg.get("code") == "unknown_resume_token":

@@ -9,6 +9,7 @@ a MIDI system; the bridge feeds it from its input thread.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import deque
@@ -18,12 +19,23 @@ TICKS_PER_BEAT = 24
 TICKS_PER_SIXTEENTH = 6
 TEMPO_WINDOW = 24          # the tempo is read from the last this many clock intervals (a beat)
 MIN_INTERVALS = 6          # intervals needed before the tracker names a tempo
+OUTLIER_SECONDS = 0.002   # a clock this far off the line may be an outlier (more than a JACK period)
 MAX_TICK_SECONDS = 60.0 / (10 * TICKS_PER_BEAT)  # a longer gap (below 10 bpm) is a halt, not a tempo
 
 
 def is_clock_message(message: list[int]) -> bool:
     """Whether ``message`` is one of the clock's messages (the rest of an input is notes)."""
     return bool(message) and message[0] in (CLOCK, START, CONTINUE, STOP, SONG_POSITION)
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares ``time = intercept + slope * count`` through (count, time) points."""
+    n = len(points)
+    mean_count = sum(c for c, _ in points) / n
+    mean_time = sum(t for _, t in points) / n
+    slope = (sum((c - mean_count) * (t - mean_time) for c, t in points)
+             / sum((c - mean_count) ** 2 for c, _ in points))
+    return slope, mean_time - slope * mean_count
 
 
 class ClockTracker:
@@ -97,15 +109,18 @@ class ClockTracker:
         return self.running and self.last_tick is not None
 
     def _line(self) -> tuple[float, float] | None:
-        """(seconds a clock, the fitted time of the last clock), or None with too few clocks."""
+        """(seconds a clock, the fitted time of the last clock), or None with too few clocks. Clocks
+        far off the first line (a busy machine woke the MIDI thread late) are left out of a second."""
         if len(self._clocks) <= MIN_INTERVALS:
             return None
-        n = len(self._clocks)
-        mean_count = sum(c for c, _ in self._clocks) / n
-        mean_time = sum(t for _, t in self._clocks) / n
-        spread = sum((c - mean_count) ** 2 for c, _ in self._clocks)
-        slope = sum((c - mean_count) * (t - mean_time) for c, t in self._clocks) / spread
-        return slope, mean_time + slope * (self._clocks[-1][0] - mean_count)
+        points = list(self._clocks)
+        slope, intercept = _fit(points)
+        residuals = [abs(t - intercept - slope * c) for c, t in points]
+        limit = max(OUTLIER_SECONDS, 3 * statistics.median(residuals))
+        kept = [p for p, r in zip(points, residuals) if r <= limit]
+        if len(kept) > MIN_INTERVALS and len(kept) < len(points):
+            slope, intercept = _fit(kept)
+        return slope, intercept + slope * points[-1][0]
 
     @property
     def tick_seconds(self) -> float | None:

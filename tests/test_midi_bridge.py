@@ -126,6 +126,7 @@ class Recorder:
             assert time.monotonic() < deadline, f"no JACK port with '{port_part}' in {ports}"
             time.sleep(0.05)
         self.midi_in.open_port(matches[0])
+        self.midi_in.ignore_types(sysex=True, timing=False, active_sense=True)  # keep MIDI clock (--clock out)
         self._running = True
         self._thread = threading.Thread(target=self._poll, name="midi-recorder", daemon=True)
         self._thread.start()

@@ -37,6 +37,14 @@ def test_clocks_handed_on_once_a_period_still_give_the_tempo():
     assert tracker.bpm == pytest.approx(100.0, rel=0.005)
 
 
+def test_a_clock_a_busy_machine_delayed_does_not_move_the_tempo():
+    tracker = ClockTracker()
+    step = 60.0 / (24 * 140)
+    for i in range(30):
+        tracker.feed([CLOCK], i * step + (0.03 if i == 28 else 0.0))  # one clock 30 ms late
+    assert tracker.bpm == pytest.approx(140.0, rel=0.002)
+
+
 def test_a_tempo_change_is_followed_within_a_beat():
     tracker = ClockTracker()
     at = ticks(tracker, 100.0, 48, 0.0)
