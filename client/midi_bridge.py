@@ -9,14 +9,20 @@ The bridge is one WebSocket client of ``/ws`` (see ``server/protocol.py``) and o
    an optional ``--prompt_midi`` file.
 3. The server answers ``session`` (``clock``: the unix time of session time 0, and a resume
    token) and then ``notes``; each note is handed to :class:`MidiScheduler`, which sends its
-   note-on at ``clock + start`` and its note-off ``duration`` later, from one thread that sleeps
-   until just before each deadline and spins the last millisecond.
+   note-on at ``clock + start`` (less ``--latency-ms``) and its note-off ``duration`` later, from
+   one thread that sleeps until just before each deadline and spins the last millisecond. Voice v
+   plays on its own channel (:mod:`client.midi_channels`: channels 1-9, 11-16, leaving the drum
+   channel free), after its ``--programs`` program change.
+   With ``--clock in`` a :class:`~client.clock_follow.ClockFollower` places the notes on the DAW's
+   clock instead and follows its transport (``pause``/``resume``) and tempo (``set``); with
+   ``--clock out`` a :class:`~client.midi_clock.ClockSender` sends MIDI clock at the session's tempo.
 4. Notes played on the input are sent to the session as ``notes`` (``start`` on the session
    clock) when they are released.
 5. If the connection drops, every sounding note is turned off and the bridge reconnects with
    ``{"type":"start","resume_token":...}`` for as long as the server keeps the session (60 s).
-6. Ctrl-C (or SIGTERM) sends ``stop``, waits briefly for ``stopped``, turns every note off and
-   closes the ports.
+6. Ctrl-C (or SIGTERM) sends ``stop``, waits briefly for ``stopped``, turns every note off (then
+   All Notes Off and sustain off on every channel used; an exception takes the same ``finally``)
+   and closes the ports. A SIGKILL cannot be caught.
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ import time
 from collections import deque
 
 CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
-TICKS_PER_BEAT = 24
-TICKS_PER_SIXTEENTH = 6
+CLOCKS_PER_BEAT = 24
+CLOCKS_PER_SIXTEENTH = 6
 TEMPO_WINDOW = 24          # the tempo is read from the last this many clock intervals (a beat)
 MIN_INTERVALS = 6          # intervals needed before the tracker names a tempo
 OUTLIER_SECONDS = 0.002   # a clock this far off the line may be an outlier (more than a JACK period)
-MAX_TICK_SECONDS = 60.0 / (10 * TICKS_PER_BEAT)  # a longer gap (below 10 bpm) is a halt, not a tempo
+MAX_TICK_SECONDS = 60.0 / (10 * CLOCKS_PER_BEAT)  # a longer gap (below 10 bpm) is a halt, not a tempo
 
 
 def is_clock_message(message: list[int]) -> bool:
@@ -83,7 +83,7 @@ class ClockTracker:
             return "stop"
         if status == SONG_POSITION and len(message) == 3:
             if not self.running:  # the spec allows it only while stopped
-                self.next_tick = (message[1] | message[2] << 7) * TICKS_PER_SIXTEENTH
+                self.next_tick = (message[1] | message[2] << 7) * CLOCKS_PER_SIXTEENTH
             return "position"
         return None
 
@@ -131,11 +131,11 @@ class ClockTracker:
     def bpm(self) -> float | None:
         """The tempo of the last beat's clocks, in beats a minute."""
         tick = self.tick_seconds
-        return None if tick is None else 60.0 / (TICKS_PER_BEAT * tick)
+        return None if tick is None else 60.0 / (CLOCKS_PER_BEAT * tick)
 
     @property
     def start_beat(self) -> float:
-        return self.start_tick / TICKS_PER_BEAT
+        return self.start_tick / CLOCKS_PER_BEAT
 
     def time_of(self, beat: float) -> float | None:
         """When the DAW reaches ``beat`` (from the last clock at the current tempo), if anchored."""
@@ -143,7 +143,7 @@ class ClockTracker:
         if not self.anchored or line is None:
             return None
         tick, last_time = line
-        return last_time + (beat * TICKS_PER_BEAT - self.last_tick) * tick
+        return last_time + (beat * CLOCKS_PER_BEAT - self.last_tick) * tick
 
     def beat_at(self, at: float) -> float | None:
         """The DAW's position at unix time ``at``, if anchored."""
@@ -151,7 +151,7 @@ class ClockTracker:
         if not self.anchored or line is None:
             return None
         tick, last_time = line
-        return (self.last_tick + (at - last_time) / tick) / TICKS_PER_BEAT
+        return (self.last_tick + (at - last_time) / tick) / CLOCKS_PER_BEAT
 
 
 class ClockSender:
@@ -192,7 +192,7 @@ class ClockSender:
         if self._timeline is None:
             return None
         beat, at, bpm = self._timeline
-        return at + (self._first_beat + self._tick / TICKS_PER_BEAT - beat) * 60.0 / bpm
+        return at + (self._first_beat + self._tick / CLOCKS_PER_BEAT - beat) * 60.0 / bpm
 
     def _run(self) -> None:
         with self._cv:
