@@ -20,6 +20,13 @@ of bars (``bar_beats``, 4), chosen each time the transport starts:
 4. The tempo of the clock goes to ``on_tempo`` when it has moved more than :data:`TEMPO_CHANGE`
    from the last one reported, at most every :data:`TEMPO_INTERVAL_SECONDS` (the bridge sends it
    as ``set``).
+5. The server paces its notes by its own timeline, a lookahead before their time there. A tempo a
+   little off (the clock's estimate, the rounding of ``set``) would let the two timelines drift
+   apart until notes came after their DAW time and were skipped. So the follower keeps the
+   *headroom* of each notes frame (DAW time of its first note less its arrival), and when it falls
+   (or rises) more than :data:`DRIFT_DEADBAND_SECONDS` from what it was after the start, it reports a
+   tempo up to :data:`MAX_NUDGE` faster (or slower) than the clock's, closing the gap over about
+   :data:`CATCH_UP_SECONDS`.
 
 ``play`` and ``silence`` run on the bridge's event loop, ``on_clock`` on its input thread; a lock
 keeps them apart.
@@ -43,6 +50,10 @@ LATE_SECONDS = 0.01            # a note this late still plays (at once); later o
 HORIZON_TICKS = 2              # each clock schedules the notes due before the clock after next
 TEMPO_CHANGE = 0.005           # report the tempo when it moved by more than this fraction...
 TEMPO_INTERVAL_SECONDS = 0.25  # ...and at most this often
+DRIFT_DEADBAND_SECONDS = 0.05  # headroom this far from its start leaves the tempo alone
+CATCH_UP_SECONDS = 4.0         # a headroom gap is closed over about this long...
+MAX_NUDGE = 0.02               # ...by a tempo at most 2 % off the clock's
+HEADROOM_SMOOTHING = 0.2       # weight of each frame in the running headroom
 
 
 class ClockFollower:
@@ -69,13 +80,18 @@ class ClockFollower:
         self.skipped = 0
         self._tempo_reported: float | None = None
         self._tempo_at = -math.inf
+        self._headroom_target: float | None = None            # the headroom after the transport started
+        self._headroom: float | None = None                   # running (smoothed) headroom since
 
     # ---- from the server (event loop)
     def play(self, notes: list[dict], clock: float) -> None:
         with self._lock:
             for note in notes:
                 heapq.heappush(self._held, (float(note["beat"]), next(self._order), note))
-            self._hand_over(self._now())
+            now = self._now()
+            if notes:
+                self._measure_headroom(min(float(n["beat"]) for n in notes), now)
+            self._hand_over(now)
 
     def silence(self) -> None:
         """Everything off now; notes not yet played wait for the transport (a dropped connection)."""
@@ -88,6 +104,7 @@ class ClockFollower:
             event = self.tracker.feed(message, at)
             if event in ("start", "continue"):
                 self.offset = None  # chosen at the first clock, when the start has a time
+                self._headroom_target = self._headroom = None
                 logger.info("transport %s at beat %g", event, self.tracker.start_beat)
                 self.on_transport(True)
             elif event == "stop":
@@ -100,10 +117,29 @@ class ClockFollower:
                 self._hand_over(at)
 
     # ---- inside the lock
+    def _measure_headroom(self, beat: float, now: float) -> None:
+        if self.offset is None or not self.tracker.anchored:
+            return
+        headroom = self.tracker.time_of(beat - self.offset) - now
+        if self._headroom_target is None:
+            self._headroom_target = self._headroom = headroom
+        else:
+            self._headroom += HEADROOM_SMOOTHING * (headroom - self._headroom)
+
+    def nudge(self) -> float:
+        """The fraction by which the tempo reported is off the clock's, to undo a drift (item 5)."""
+        if self._headroom is None:
+            return 0.0
+        gap = self._headroom_target - self._headroom
+        if abs(gap) <= DRIFT_DEADBAND_SECONDS:
+            return 0.0
+        return max(-MAX_NUDGE, min(MAX_NUDGE, gap / CATCH_UP_SECONDS))
+
     def _report_tempo(self, at: float) -> None:
         bpm = self.tracker.bpm
         if bpm is None or at - self._tempo_at < TEMPO_INTERVAL_SECONDS:
             return
+        bpm *= 1 + self.nudge()
         if self._tempo_reported is None or abs(bpm / self._tempo_reported - 1) > TEMPO_CHANGE:
             self._tempo_reported, self._tempo_at = bpm, at
             self.on_tempo(bpm)

@@ -362,7 +362,8 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._went_live = False
-        self._pause_at_notes = False  # a new session waiting for its first notes to pause (--clock in)
+        self._pause_at_notes = False  # a new session waiting for its opening notes to pause (--clock in)
+        self.lookahead = 0.0
 
     async def run(self) -> int:
         """Runs until stopped; returns the exit status."""
@@ -428,7 +429,9 @@ class Bridge:
                 logger.info("%s session %s (lookahead %.2f s)", "resumed" if msg.get("resumed") else "started",
                             msg["id"], msg.get("lookahead", 0))
                 # The session runs while the DAW's transport does; a new one first sends its opening
-                # notes (held for the DAW's downbeat), then pauses.
+                # lookahead of notes (held for the DAW's downbeat, so the next ones come that much
+                # ahead of their DAW time), then pauses.
+                self.lookahead = float(msg.get("lookahead", 0))
                 self._pause_at_notes = self.following and not msg.get("resumed") and not self.player.tracker.running
                 if self.following and not self._pause_at_notes:
                     await self._send({"type": "resume" if self.player.tracker.running else "pause"})
@@ -444,7 +447,9 @@ class Bridge:
                     await self._send({"type": "set", "bpm": self._usable(daw_bpm)})
             elif kind == "notes":
                 self._schedule(msg["notes"])
-                if self._pause_at_notes:
+                opened = (max(float(n["start"]) for n in msg["notes"]) >= self.lookahead
+                          or time.time() >= self.clock + self.lookahead) if msg["notes"] else False
+                if self._pause_at_notes and opened:
                     self._pause_at_notes = False
                     if not self.player.tracker.running:
                         await self._send({"type": "pause"})
