@@ -833,3 +833,21 @@ def test_a_clock_port_that_does_not_exist_exits_2(jack, proxy, run_bridge):
     assert bridge.wait(timeout=30) == 2
     assert "no MIDI input matches 'no such port at all'" in run_bridge.log.read_text()
     assert not proxy.sent("start"), "the bridge started a session without its clock"
+
+
+def test_direct_play_puts_each_voice_on_its_channel_latency_early():
+    from client.midi_bridge import DirectPlayer
+    from client.midi_channels import ChannelMap
+
+    class Scheduler:
+        def __init__(self):
+            self.notes = []
+
+        def note(self, at, duration, channel, pitch, velocity):
+            self.notes.append((round(at, 6), duration, channel + 1, pitch, velocity))
+
+    scheduler = Scheduler()
+    player = DirectPlayer(scheduler, ChannelMap().channel, latency=0.025)
+    player.play([{"start": 1.0, "duration": 0.5, "pitch": 60, "velocity": 90, "voice": 0, "beat": 2.0},
+                 {"start": 1.5, "duration": 0.25, "pitch": 48, "velocity": 70, "voice": 9, "beat": 3.0}], clock=100.0)
+    assert scheduler.notes == [(100.975, 0.5, 1, 60, 90), (101.475, 0.25, 11, 48, 70)]

@@ -83,16 +83,16 @@ def test_only_clock_messages_go_to_the_clock():
 def test_the_sender_starts_on_a_bar_line_and_sends_24_clocks_a_beat():
     sent: list[tuple[float, list[int]]] = []
     sender = ClockSender(lambda m: sent.append((time.time(), m)))
-    bpm = 600.0  # a beat every 0.1 s
+    beat = 0.25  # 240 bpm: a clock every 10.4 ms
     now = time.time()
-    sender.follow(-1.0, now + 0.05, bpm)  # beat -1 at now + 50 ms: beat 0 (a bar line) at now + 150 ms
+    sender.follow(-1.0, now + 0.05, 60 / beat)  # beat -1 at now + 50 ms: beat 0 (a bar line) one beat later
     wait_for(lambda: len(sent) > 24 * 4, 10, "four beats of clock")
     sender.close()
     assert sent[0][1] == [START] and sent[1][1] == [CLOCK] and sent[-1][1] == [STOP]
     clocks = [t for t, m in sent if m == [CLOCK]]
-    beat0 = now + 0.15
-    step = 0.1 / 24
-    # Counted over whole beats, with the window edges half a clock off the clocks' times.
+    beat0 = now + 0.05 + beat
+    # Counted over whole beats, with the window's edges half a clock off the clocks' times.
     for first in range(3):
-        inside = [t for t in clocks if beat0 + (first - 0.5 / 24) * 0.1 <= t < beat0 + (first + 1 - 0.5 / 24) * 0.1]
-        assert len(inside) == 24, (first, [round((t - beat0) / step, 2) for t in clocks[:30]])
+        low, high = beat0 + (first - 0.5 / 24) * beat, beat0 + (first + 1 - 0.5 / 24) * beat
+        inside = [t for t in clocks if low <= t < high]
+        assert len(inside) == 24, (first, [round((t - beat0) / beat * 24, 2) for t in clocks[:30]])
