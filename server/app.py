@@ -90,6 +90,7 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
                            dtype=str(served.dtype).removeprefix("torch."), threads=served.threads,
                            parameters=served.parameters, vocab_size=served.tokenizer.vocab_size,
                            state_bytes_per_session=engine.state_bytes,
+                           rollback_bytes_per_session=engine.rollback_bytes,
                            sessions=len(request.app.state.registry.sessions), max_sessions=config.max_sessions,
                            lookahead=config.lookahead, uptime_seconds=round(time.time() - started, 1))
         return JSONResponse(body.model_dump(), status_code=200 if engine.running else 503)

@@ -7,7 +7,9 @@
    Otherwise the prompt is read, the server replies ``session`` (id, resume token, ``clock``: the
    unix time of session second 0) and ``state`` (the settings in force).
 3. From then on the server sends ``notes`` frames, each note at most ``lookahead`` seconds before
-   its ``start``. The client may send ``notes`` (played notes, folded into the stream), ``set``
+   its ``start``. The client may send ``notes`` (played notes: the stream goes back to the latest
+   note sent, drops the ones generated after it, reads the played notes and answers; each
+   generated note's ``heard_until`` names the latest played note it heard), ``set``
    (new settings from the next token; a tempo change keeps the times of notes already sent),
    ``pause``/``resume`` (each answered by ``state``) and ``stop`` (answered by ``stopped``, then
    close code 1000).
@@ -184,11 +186,15 @@ class Connection:
         prompt = await registry.prompts.read(msg, msg, cfg.max_upload_bytes)
         seed = msg.seed if msg.seed is not None else secrets.randbelow(2**31)
         sampling = msg.applied_to(replace(SamplingConfig(), seed=seed))
+        accompany = self.accompanied_voices(msg) or []
         session = Session(registry, client)
+        session.requested_lookahead = msg.lookahead
+        session.accompany = accompany
         try:
             session.stream = await registry.engine.open(
                 prompt.tokens, sampling=sampling, timeline=Timeline(prompt.bpm), realtime=True,
-                sink=session.on_generated, on_error=session.on_error)
+                sink=session.on_generated, on_error=session.on_error, lookahead=session.lookahead,
+                banned_voices=tuple(accompany))
         except EngineFull:
             await self.refuse_full()
             return
@@ -230,17 +236,35 @@ class Connection:
         """Start streaming notes (after the ``session`` and ``state`` replies, which come first)."""
         self.sender = asyncio.create_task(self.send_notes(), name=f"send-{self.session.id}")
 
+    def accompanied_voices(self, msg: StartMessage | SetMessage) -> list[int] | None:
+        """The voices ``msg`` gives the person (None: no change), checked against the model's."""
+        if msg.accompany is None:
+            return None
+        voices = msg.accompany.voices
+        playable = self.registry.engine.model.config.max_voices
+        if voices and set(range(playable)) <= set(voices):
+            raise RequestError(ErrorCode.INVALID_MESSAGE, f"accompany.voices: {voices} takes every voice this model "
+                               f"plays (0-{playable - 1}); leave it at least one")
+        return list(voices)
+
     async def on_notes(self, msg: NotesMessage) -> None:
         session = self.session
         timeline = session.stream.timeline
+        accompany = session.accompany
         played = [StreamNote(beat=timeline.beat_at(n.start), duration=timeline.duration_beats(n.duration),
-                             pitch=n.pitch, velocity=n.velocity, voice=n.voice) for n in msg.notes]
+                             pitch=n.pitch, velocity=n.velocity,
+                             voice=n.voice if not accompany or n.voice in accompany else accompany[0])
+                  for n in msg.notes]
         if not played:
             return
         try:
-            _, unknown = await self.registry.engine.feed(session.stream, played)
+            with session.held():
+                fed = await self.registry.engine.feed(session.stream, played, max(n.start for n in msg.notes))
+                if fed.epoch > session.epoch:
+                    self.metrics.notes_dropped.inc(session.drop_unsent(fed.epoch))
         except EngineClosed as exc:
             raise RequestError(ErrorCode.GENERATION_FAILED, str(exc)) from exc
+        unknown = fed.unknown
         if unknown:
             raise RequestError(ErrorCode.UNREADABLE_NOTES,
                                f"{unknown} of {len(played)} played notes were left out: this model's vocabulary "
@@ -248,9 +272,13 @@ class Connection:
 
     async def on_set(self, msg: SetMessage) -> None:
         session = self.session
+        accompany = self.accompanied_voices(msg)  # checked before anything changes
         session.stream.sampling = msg.applied_to(session.stream.sampling)
         if msg.programs is not None:
             session.programs = msg.programs
+        if accompany is not None:
+            session.accompany = accompany
+            session.stream.banned_voices = tuple(accompany)
         if msg.bpm is not None and msg.bpm != session.stream.timeline.bpm:
             session.retime(bpm=msg.bpm)
             session.wake.set()

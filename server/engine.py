@@ -26,6 +26,15 @@ State: one row per stream in a preallocated slab (``capacity`` rows): the field 
 (:class:`model.fm.state.FieldState`), the 12 pitch-class counts of what the stream heard from its player
 (prompt and played notes, which ``key_pull`` leans toward: :mod:`model.generation.key_pull`), plus the
 model's output for the stream's next token. Its size never changes with a session's length.
+
+Answers (live streams): a played note must change the music from the last note the client has
+been *sent*, not after everything already generated. So each live stream keeps a rollback point
+(:mod:`server.rollback`): a second slab row with the field, position and heard counts at a
+*checkpoint*, the decoder and RNG step there, and the short log of tokens read since. When played
+notes arrive, the generated tokens after the latest sent note are dropped, the state goes back to
+the checkpoint, the kept tokens and the played notes are read again in one parallel pass, and
+generation goes on from there (its notes start no earlier than ``lookahead`` from now, so none is
+late). The checkpoint moves forward (:meth:`Engine._fold`) once enough sent tokens have piled up.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.sequences import TokenSequence
 from server.metrics import Metrics
+from server.rollback import (FOLD_TOKENS, MAX_LOG, PLAYED, Checkpoint, LoggedToken, Replayed, kept_prefix,
+                             played_ids, replay)
 from server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -68,20 +79,39 @@ class EngineClosed(RuntimeError):
 @dataclass(frozen=True)
 class StreamNote:
     """A note on a stream's timeline: a generated note the engine hands over, or a played note
-    folded in. ``beat`` counts beats from the stream's beat 0 (where its prompt ends)."""
+    folded in. ``beat`` counts beats from the stream's beat 0 (where its prompt ends).
+
+    A generated note also says which token it was (``step``: the stream's token counter when it was
+    sampled), which rollback ``epoch`` of the stream produced it, and ``heard_until``: the value the
+    session gave with the latest played notes read before it was sampled (None: none)."""
 
     beat: float
     duration: float  # beats
     pitch: int
     velocity: int
     voice: int
+    step: int = -1
+    epoch: int = 0
+    heard_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Fed:
+    """What :meth:`Engine.feed` did: tokens the played notes became, notes left out (no token in
+    the vocabulary), and the stream's rollback epoch now (it grew by one if the stream went back to
+    its latest sent note: every note of an older epoch after that note is void)."""
+
+    tokens: int
+    unknown: int
+    epoch: int
 
 
 @dataclass(eq=False)
 class Stream:
     """One generation stream: a WebSocket session or a ``POST /generate`` job.
 
-    The event loop may replace ``sampling`` and ``timeline`` and set ``paused``; everything else
+    The event loop may replace ``sampling``, ``timeline`` and ``banned_voices``, set ``paused``, and
+    raise ``sent_step`` (the step of the latest note handed to the client); everything else
     belongs to the engine thread.
     """
 
@@ -94,6 +124,9 @@ class Stream:
     on_done: Callable[[], None] | None = None  # jobs: called on the event loop when remaining hits 0
     remaining: int = 0  # jobs: tokens still to generate
     paused: bool = False
+    lookahead: float = 0.0  # seconds: after a rollback, no note starts earlier than this from now
+    banned_voices: tuple[int, ...] = ()  # voices the model never plays on this stream (accompaniment)
+    sent_step: int = -1  # step of the latest generated note handed to the client (-1: none)
     # engine-owned
     slot: int = -1
     decoder: StreamDecoder | None = None
@@ -105,6 +138,10 @@ class Stream:
     steps: int = 0  # tokens sampled so far (with the seed, fixes the stream's randomness)
     frontier: float = 0.0  # beats: onset of the latest token
     unknown_played: int = 0  # played notes the vocabulary could not hold
+    epoch: int = 0  # rollbacks so far
+    heard_until: float | None = None  # the session's mark of the latest played notes read
+    checkpoint: Checkpoint | None = None  # live streams, once the prompt is read
+    log: list[LoggedToken] = field(default_factory=list)  # tokens read after the checkpoint
     pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # DNA chunks to read
     ready_future: asyncio.Future | None = None
 
@@ -157,10 +194,16 @@ class Engine:
         self.logits = torch.zeros((n, out.logits.shape[-1]), dtype=out.logits.dtype, device=self.device)
         self.hidden = torch.zeros((n, out.hidden.shape[-1]), dtype=out.hidden.dtype, device=self.device)
         self.heard = torch.zeros((n, PITCH_CLASSES), dtype=torch.float32, device=self.device)
+        # the rollback checkpoint of each live stream (server.rollback)
+        self.saved_field = torch.zeros_like(self.field)
+        self.saved_position = torch.zeros_like(self.position)
+        self.saved_heard = torch.zeros_like(self.heard)
         self.state_bytes = self.field[0].nbytes + self.position[0].nbytes + self.heard[0].nbytes
+        self.rollback_bytes = self.saved_field[0].nbytes + self.saved_position[0].nbytes + self.saved_heard[0].nbytes
         self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.hidden[0].nbytes
         self.metrics.state_bytes.set(self.state_bytes)
         self.metrics.slot_bytes.set(self.slot_bytes)
+        self.metrics.rollback_bytes.set(self.rollback_bytes)
 
     def _rows(self, slots: torch.Tensor) -> tuple[FieldState, FMOutput]:
         return (FieldState(self.field[slots], self.position[slots]),
@@ -202,23 +245,30 @@ class Engine:
     async def open(self, prompt: TokenSequence | None, *, sampling: SamplingConfig, timeline: Timeline,
                    realtime: bool, sink: Callable[[list[StreamNote]], None],
                    on_error: Callable[[str], None], tokens: int = 0,
-                   on_done: Callable[[], None] | None = None) -> Stream:
+                   on_done: Callable[[], None] | None = None, lookahead: float | None = None,
+                   banned_voices: tuple[int, ...] = ()) -> Stream:
         """Start a stream from ``prompt`` and wait until the prompt has been read.
 
-        Live streams get their ``clock`` then (``lookahead`` seconds from now). Raises
+        Live streams get their ``clock`` then (the engine's ``lookahead`` seconds from now);
+        ``lookahead`` is the stream's own (its session's; default the engine's). Raises
         :class:`EngineFull` when every slab row is taken.
         """
         stream = Stream(id=next(self._ids), realtime=realtime, sampling=sampling, timeline=timeline,
-                        sink=sink, on_error=on_error, on_done=on_done, remaining=tokens)
+                        sink=sink, on_error=on_error, on_done=on_done, remaining=tokens,
+                        lookahead=self.lookahead if lookahead is None else lookahead,
+                        banned_voices=banned_voices)
         stream.ready_future = asyncio.get_running_loop().create_future()
         await self._call(self._open, stream, prompt)
         await stream.ready_future
         return stream
 
-    async def feed(self, stream: Stream, notes: list[StreamNote]) -> tuple[int, int]:
-        """Fold played notes into a stream; returns (tokens they became, notes left out because the
-        vocabulary has no token for them)."""
-        return await self._call(self._feed, stream, notes)
+    async def feed(self, stream: Stream, notes: list[StreamNote], heard_until: float | None = None) -> Fed:
+        """Fold played notes into a stream (see :class:`Fed`).
+
+        A live stream goes back to its latest sent note first (``stream.sent_step``; the caller
+        holds its sending until this returns) and reads the notes there; the notes it generates
+        from then on carry ``heard_until``."""
+        return await self._call(self._feed, stream, notes, heard_until)
 
     async def release(self, stream: Stream) -> None:
         """Stop a stream and free its row."""
@@ -247,27 +297,88 @@ class Engine:
         stream.pending = [(floats, slots)]
         self.streams[stream.id] = stream
 
-    def _feed(self, stream: Stream, notes: list[StreamNote]) -> tuple[int, int]:
+    def _feed(self, stream: Stream, notes: list[StreamNote], heard_until: float | None) -> Fed:
         if stream.closed or stream.failed or stream.decoder is None:
-            return 0, 0
-        tok = self.tokenizer
-        decoder = stream.decoder
-        bar_length = decoder.bar_length
+            return Fed(0, 0, stream.epoch)
+        kept, replayed = [], None
+        if stream.checkpoint is not None:  # a live stream: read the notes at its latest sent note
+            kept = kept_prefix(stream.log, stream.sent_step)
+            replayed = replay(stream.checkpoint, kept, self.tokenizer, stream.offset)
+        decoder = replayed.decoder if replayed is not None else stream.decoder
         played = [(self.timebase.grid_from_beats(n.beat + stream.offset), n.pitch, n.duration, n.velocity,
                    n.voice) for n in notes]
+        bar_length = decoder.bar_length
         sequence = decoder.encode_notes(played)
         stream.unknown_played += sequence.unknown
-        if len(sequence) == 0:
-            return 0, sequence.unknown
+        if len(sequence) == 0:  # nothing the stream can read: it carries on as it was
+            return Fed(0, sequence.unknown, stream.epoch)
+        floats, slots = self._played_dna(sequence, bar_length)
+        if replayed is not None:
+            self._rewind(stream, kept, replayed)
+            floats, slots = np.concatenate([replayed.floats, floats]), np.concatenate([replayed.slots, slots])
+            stream.log += [LoggedToken(t, v, s, PLAYED) for t, v, s in
+                           zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist())]
+        stream.pending.append((floats, slots))
+        self.heard[stream.slot] += torch.from_numpy(self.generator.heard(sequence.ids)).to(self.device)
+        stream.frontier = max(stream.frontier, self._beat_of_cursor(stream))
+        if heard_until is not None:
+            stream.heard_until = heard_until if stream.heard_until is None else max(stream.heard_until, heard_until)
+        return Fed(len(sequence), sequence.unknown, stream.epoch)
+
+    def _rewind(self, stream: Stream, kept: list[LoggedToken], replayed: Replayed) -> None:
+        """Put a live stream back at its checkpoint with only the ``kept`` log (the caller queues
+        their DNA to be read again): the generated tokens after them are void (a new epoch)."""
+        row = stream.slot
+        self.field[row] = self.saved_field[row]
+        self.position[row] = self.saved_position[row]
+        self.heard[row] = self.saved_heard[row] + torch.from_numpy(
+            self.generator.heard(played_ids(kept))).to(self.device)
+        stream.decoder = replayed.decoder
+        stream.steps = replayed.steps
+        stream.frontier = replayed.frontier
+        stream.log = list(kept)
+        stream.pending = []  # unread played tokens are in the kept log, read again with it
+        stream.epoch += 1
+        self.metrics.rollbacks.inc()
+
+    def _take_checkpoint(self, stream: Stream) -> None:
+        """A live stream's first checkpoint: where its prompt ends."""
+        row = stream.slot
+        self.saved_field[row] = self.field[row]
+        self.saved_position[row] = self.position[row]
+        self.saved_heard[row] = self.heard[row]
+        stream.checkpoint = Checkpoint(stream.decoder.copy(), stream.steps, stream.frontier)
+        stream.log = []
+
+    def _fold(self, stream: Stream) -> None:
+        """Move the checkpoint forward over the kept part of the log once it is long enough (past
+        :data:`MAX_LOG` tokens, over all but the newest ``FOLD_TOKENS`` even if they were not sent)."""
+        if len(stream.log) < FOLD_TOKENS:
+            return
+        kept = kept_prefix(stream.log, stream.sent_step)
+        if len(stream.log) > MAX_LOG:
+            kept = stream.log[: max(len(kept), len(stream.log) - FOLD_TOKENS)]
+        if len(kept) < FOLD_TOKENS:
+            return
+        replayed = replay(stream.checkpoint, kept, self.tokenizer, stream.offset)
+        rows = torch.tensor([stream.slot], device=self.device)
+        saved = FieldState(self.saved_field[rows], self.saved_position[rows])
+        state, _ = self.generator.read(saved, replayed.floats[None], replayed.slots[None])
+        self.saved_field[rows] = state.field.to(self.saved_field.dtype)
+        self.saved_position[rows] = state.position
+        self.saved_heard[stream.slot] += torch.from_numpy(self.generator.heard(played_ids(kept))).to(self.device)
+        stream.checkpoint = Checkpoint(replayed.decoder, replayed.steps, replayed.frontier)
+        stream.log = stream.log[len(kept):]
+
+    def _played_dna(self, sequence: TokenSequence, bar_length: float) -> tuple[np.ndarray, np.ndarray]:
+        """DNA of played tokens, each with the bar length in force after it (``bar_length``: the one
+        before the first)."""
+        tok = self.tokenizer
         lengths = np.empty(len(sequence), dtype=np.float64)
         for i, token in enumerate(sequence.ids.tolist()):
             bar_length = tok.bar_length(token) or bar_length
             lengths[i] = bar_length
-        floats, slots = tok.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths)
-        stream.pending.append((floats, slots))
-        self.heard[stream.slot] += torch.from_numpy(self.generator.heard(sequence.ids)).to(self.device)
-        stream.frontier = max(stream.frontier, self._beat_of_cursor(stream))
-        return len(sequence), sequence.unknown
+        return tok.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths)
 
     def _release(self, stream: Stream) -> None:
         if stream.closed:
@@ -360,6 +471,8 @@ class Engine:
                 continue
             stream.primed = True  # its prompt is read: the clock starts
             stream.clock = time.time() + self.lookahead
+            if stream.realtime:
+                self._take_checkpoint(stream)
             if stream.ready_future is not None:
                 self._post(_settle, stream.ready_future, None, False)
         return budget < self.input_chunk
@@ -413,31 +526,52 @@ class Engine:
         state, out = self._rows(rows)
         results, new_state, new_out = self.generator.advance(
             state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
-            self.heard[rows])
+            self.heard[rows], self._banned_voices(batch))
         self._store(rows, new_state, new_out)
         return results
+
+    def _banned_voices(self, batch: list[Stream]) -> torch.Tensor | None:
+        """``(B, max_voices)``, True where a stream never plays the voice (None: no stream bans any)."""
+        if not any(s.banned_voices for s in batch):
+            return None
+        voices = self.model.config.max_voices
+        mask = torch.zeros((len(batch), voices), dtype=torch.bool)
+        for i, stream in enumerate(batch):
+            banned = [v for v in stream.banned_voices if v < voices]
+            mask[i, banned] = True
+        return mask.to(self.device)
 
     def _update(self, batch: list[Stream], results: list[StreamStep]
                 ) -> tuple[list[tuple[Stream, StreamNote]], list[Stream]]:
         """Move each stream's time on and turn its new note into a :class:`StreamNote` (a live
-        stream only moves forward); returns the notes to hand over and the jobs now finished."""
+        stream only moves forward, and after a rollback no note starts sooner than its lookahead
+        from now); returns the notes to hand over and the jobs now finished."""
         deliveries = []
         moved = 0
+        now = time.time()
         for stream, result in zip(batch, results):
+            step = stream.steps
             stream.steps += 1
             previous = stream.frontier
             stream.frontier = max(previous, self._beat_of_cursor(stream))
+            if stream.checkpoint is not None:
+                stream.log.append(LoggedToken(result.token, result.velocity, result.voice, step))
             if result.note is not None:
                 n = result.note
                 beat = self.timebase.beats_from_steps(n.onset) - stream.offset
-                if stream.realtime and beat < previous:
+                earliest = previous
+                if stream.epoch:  # answering: the notes after a rollback may lie before "now"
+                    earliest = max(earliest, stream.timeline.beat_at(now - stream.clock + stream.lookahead))
+                if stream.realtime and beat < earliest:
                     # A live stream only moves forward: a note placed before the latest onset
                     # (earlier in the bar) sounds at that onset instead of in the past.
-                    beat, moved = previous, moved + 1
+                    beat, moved = earliest, moved + 1
                 deliveries.append((stream, StreamNote(beat, self.timebase.beats_from_steps(n.duration), n.pitch,
-                                                      n.velocity, n.voice)))
+                                                      n.velocity, n.voice, step, stream.epoch, stream.heard_until)))
             if not stream.realtime:
                 stream.remaining -= 1
+            elif stream.checkpoint is not None:
+                self._fold(stream)
         if moved:
             self.metrics.notes_moved.inc(moved)
         return deliveries, [s for s in batch if not s.realtime and s.remaining <= 0]

@@ -43,6 +43,13 @@ class Metrics:
         self.slot_bytes = Gauge("fm_session_slot_bytes",
                                 "bytes the engine keeps per stream (state plus the next token's scores); fixed",
                                 registry=r)
+        self.rollback_bytes = Gauge("fm_session_rollback_bytes",
+                                    "bytes of the rollback checkpoint per live stream (field, position and heard "
+                                    "counts at the latest sent note); fixed, besides a host-side log of at most "
+                                    "512 tokens", registry=r)
+        self.rollbacks = Counter("fm_rollbacks", "times a live stream went back to its latest sent note to "
+                                 "answer played notes", registry=r)
+        self.notes_dropped = Counter("fm_notes_dropped", "generated notes dropped unsent by a rollback", registry=r)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 

@@ -21,6 +21,7 @@ from model.sampling.config import SETTING_RANGES, SamplingConfig
 MAX_PROMPT_NOTES = 4096
 MAX_PLAYED_NOTES = 512  # per "notes" frame
 MIN_BPM, MAX_BPM = 20.0, 400.0
+MIN_LOOKAHEAD, MAX_LOOKAHEAD = 0.05, 30.0  # seconds (a session's own lookahead)
 DEFAULT_BPM = 120.0
 VOICES = 16  # voices 0-15 (a played note's ``voice``, a program per voice)
 
@@ -132,6 +133,28 @@ class VoiceFields(Strict):
                     "voice's program alone")
 
 
+Voice = Annotated[int, Field(ge=0, le=VOICES - 1)]
+
+
+class Accompany(Strict):
+    """The voices a person plays; the model plays the others."""
+
+    voices: list[Voice] = Field(max_length=VOICES - 1, description=f"the voices the person plays (0-{VOICES - 1}, "
+                                f"unique, at most {VOICES - 1}); the model never plays them. Empty: off")
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len(set(self.voices)) != len(self.voices):
+            raise ValueError(f"voices must be unique, got {self.voices}")
+        return self
+
+
+class AccompanyFields(Strict):
+    accompany: Accompany | None = Field(
+        default=None, description="you play these voices, the model the rest: {\"voices\": [0]}. Played notes in "
+                                  "another voice go in as the first of them; {\"voices\": []} turns it off")
+
+
 class PromptFields(Strict):
     prompt_midi: str | None = Field(default=None, description="a .mid file, base64-encoded")
     prompt_notes: list[PlayedNote] | None = Field(default=None, max_length=MAX_PROMPT_NOTES)
@@ -144,9 +167,15 @@ class PromptFields(Strict):
 
 
 # ----------------------------------------------------------------------------- client -> server
-class StartMessage(Settings, VoiceFields, PromptFields):
+class StartMessage(Settings, VoiceFields, AccompanyFields, PromptFields):
     type: Literal["start"]
     resume_token: str | None = Field(default=None, description="continue a dropped session")
+    lookahead: float | None = Field(default=None, ge=MIN_LOOKAHEAD, le=MAX_LOOKAHEAD,
+                                    description=f"this session's lookahead, {MIN_LOOKAHEAD:g}-{MAX_LOOKAHEAD:g} "
+                                                "seconds: notes are sent at most this long before their start, and "
+                                                "an answer to played notes starts this long after they are read "
+                                                "(a client on the server's machine can take 0.05). Default: "
+                                                "the server's --lookahead")
 
 
 class NotesMessage(Strict):
@@ -154,7 +183,7 @@ class NotesMessage(Strict):
     notes: list[PlayedNote] = Field(max_length=MAX_PLAYED_NOTES)
 
 
-class SetMessage(Settings, VoiceFields):
+class SetMessage(Settings, VoiceFields, AccompanyFields):
     type: Literal["set"]
 
 
@@ -200,11 +229,13 @@ class StateReply(BaseModel):
     seed: int
     key_pull: float
     programs: list[int | None] | None = None
+    accompany: Accompany | None = None
 
     @classmethod
     def of(cls, state: Literal["playing", "paused"], bpm: float, sampling: SamplingConfig,
-           programs: list[int | None] | None = None) -> "StateReply":
+           programs: list[int | None] | None = None, accompany: list[int] | None = None) -> "StateReply":
         return cls(state=state, bpm=bpm, programs=programs,
+                   accompany=Accompany(voices=accompany) if accompany else None,
                    **{name: getattr(sampling, name) for name in SETTING_RANGES})
 
 
@@ -215,6 +246,8 @@ class OutNote(BaseModel):
     start: float = Field(description="seconds on the session clock")
     duration: float = Field(description="seconds")
     beat: float = Field(description="beats since the session's first generated beat")
+    heard_until: float | None = Field(default=None, description="the latest start (seconds on the session clock) of "
+                                      "the played notes the model had read when it chose this note; null: none")
 
 
 class NotesReply(BaseModel):
@@ -257,6 +290,9 @@ class HealthReply(BaseModel):
     parameters: int
     vocab_size: int
     state_bytes_per_session: int
+    rollback_bytes_per_session: int = Field(description="bytes of the checkpoint a live session goes back to when "
+                                            "a person plays (field, position, heard counts), besides a host-side "
+                                            "log of at most 512 tokens")
     sessions: int
     max_sessions: int
     lookahead: float

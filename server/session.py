@@ -1,5 +1,10 @@
 """WebSocket sessions: one engine stream each, and the notes generated for it but not yet sent.
 
+When a person plays, the engine goes back to the latest note this session handed to its client
+(``stream.sent_step``, raised as notes leave) and the notes generated after it are void: the
+session holds its sending while the engine does that (:meth:`Session.held`) and then drops them
+(:meth:`Session.drop_unsent`).
+
 A :class:`Session` outlives its connection (:mod:`server.connection`): when the socket drops it
 waits ``resume_seconds`` for its resume token, with generation paused and every note not yet sent
 kept. The :class:`SessionRegistry` holds every session of the server, connected or waiting.
@@ -38,6 +43,11 @@ class Session:
         self.stream: Stream | None = None
         self.paused = False  # asked for by the client (a detached session is paused too)
         self.programs: list[int | None] | None = None  # a GM program per voice, kept for the client
+        self.accompany: list[int] = []  # the voices the person plays (the model never does)
+        self.requested_lookahead: float | None = None  # the start message's lookahead
+        self.epoch = 0  # the stream's rollback epoch as the session knows it
+        self.holding = 0  # > 0: played notes are being read, send nothing
+        self._in_flight: list[StreamNote] = []  # the notes of the latest due_notes, for put_back
         self.connection: Connection | None = None
         self.pending: list[tuple[float, int, StreamNote]] = []  # heap by beat
         self._order = itertools.count()
@@ -49,6 +59,8 @@ class Session:
     # --- called by the engine (on the event loop)
     def on_generated(self, notes: list[StreamNote]) -> None:
         for note in notes:
+            if note.epoch < self.epoch:
+                continue  # generated before a rollback: void
             heapq.heappush(self.pending, (note.beat, next(self._order), note))
         self.wake.set()
 
@@ -61,6 +73,9 @@ class Session:
     # --- timing
     @property
     def lookahead(self) -> float:
+        """Seconds a note leaves before its start: the session's own, else the server's."""
+        if self.requested_lookahead is not None:
+            return self.requested_lookahead
         return self.registry.config.lookahead
 
     def now(self) -> float:
@@ -86,7 +101,29 @@ class Session:
 
     def state_reply(self) -> StateReply:
         return StateReply.of("paused" if self.paused else "playing", self.stream.timeline.bpm, self.stream.sampling,
-                             self.programs)
+                             self.programs, self.accompany)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Send no notes inside this block (while the engine reads played notes and goes back to
+        the latest sent note, which must not move meanwhile)."""
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+            self.wake.set()
+
+    def drop_unsent(self, epoch: int) -> int:
+        """The stream went back to its latest sent note (rollback ``epoch``): drop the notes of older
+        epochs generated after it. Returns how many were dropped."""
+        self.epoch = max(self.epoch, epoch)
+        sent = self.stream.sent_step
+        kept = [item for item in self.pending if item[2].epoch >= self.epoch or item[2].step <= sent]
+        dropped = len(self.pending) - len(kept)
+        heapq.heapify(kept)
+        self.pending = kept
+        return dropped
 
     def due_notes(self) -> tuple[list[OutNote], float | None]:
         """Pop the notes due to leave now; also the seconds until the next one is due."""
@@ -94,6 +131,9 @@ class Session:
         timeline, clock = stream.timeline, stream.clock
         now = time.time()
         out: list[OutNote] = []
+        self._in_flight = []
+        if self.holding:
+            return out, None
         while self.pending:
             beat, _, note = self.pending[0]
             start = timeline.seconds(beat)
@@ -101,16 +141,19 @@ class Session:
             if leave_at > now + SEND_WINDOW:
                 return out, leave_at - now
             heapq.heappop(self.pending)
+            self._in_flight.append(note)
+            stream.sent_step = max(stream.sent_step, note.step)  # handed over: a rollback keeps it
             out.append(OutNote(pitch=note.pitch, velocity=note.velocity, voice=note.voice, start=round(start, 6),
-                               duration=round(timeline.duration_seconds(note.duration), 6), beat=round(note.beat, 6)))
+                               duration=round(timeline.duration_seconds(note.duration), 6), beat=round(note.beat, 6),
+                               heard_until=None if note.heard_until is None else round(note.heard_until, 6)))
         return out, None
 
     def put_back(self, notes: list[OutNote]) -> None:
-        """Notes whose frame could not be sent go back to the queue (a dropped connection)."""
-        timeline = self.stream.timeline
-        for n in notes:
-            heapq.heappush(self.pending, (n.beat, next(self._order), StreamNote(
-                n.beat, timeline.duration_beats(n.duration), n.pitch, n.velocity, n.voice)))
+        """Notes whose frame could not be sent go back to the queue (a dropped connection): the
+        notes of the latest :meth:`due_notes` (``notes`` is what it returned)."""
+        for note in self._in_flight:
+            heapq.heappush(self.pending, (note.beat, next(self._order), note))
+        self._in_flight = []
 
 
 class SessionRegistry:

@@ -119,17 +119,19 @@ class BatchGenerator:
     @torch.no_grad()
     def advance(self, state: FieldState, out: FMOutput, decoders: list[StreamDecoder],
                 sampling: list[SamplingConfig], steps: list[int],
-                heard: torch.Tensor | None = None) -> tuple[list[StreamStep], FieldState, FMOutput]:
+                heard: torch.Tensor | None = None, banned_voices: torch.Tensor | None = None
+                ) -> tuple[list[StreamStep], FieldState, FMOutput]:
         """Sample every stream's next token from ``out`` and feed it back: one batched step.
 
         ``steps`` are the per-stream counters that, with each stream's seed, fix its randomness.
         ``heard``: ``(B, 12)`` pitch-class counts of what each stream heard (:meth:`heard`), which
-        its ``key_pull`` leans toward; ``None``: nothing heard, no pull.
+        its ``key_pull`` leans toward; ``None``: nothing heard, no pull. ``banned_voices``:
+        ``(B, max_voices)`` bool, True where a stream never plays a voice; ``None``: none banned.
         """
         batch = SamplingBatch.from_configs(sampling, steps, device=self.device)
         logits = self.allowed_logits(out, decoders, batch, heard)
         tokens = sample(logits, batch)
-        results = self.push(tokens, *self.note_parts(tokens, out, batch), decoders)
+        results = self.push(tokens, *self.note_parts(tokens, out, batch, banned_voices), decoders)
         new_out, new_state = self.feed(state, results, decoders)
         return results, new_state, new_out
 
@@ -148,11 +150,14 @@ class BatchGenerator:
         logits[:, self.banned] = float("-inf")
         return logits.masked_fill_(self.grammar(decoders), float("-inf"))
 
-    def note_parts(self, tokens: torch.Tensor, out: FMOutput, batch: SamplingBatch
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def note_parts(self, tokens: torch.Tensor, out: FMOutput, batch: SamplingBatch,
+                   banned_voices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The voice and velocity level of each stream's chosen token (B,), drawn from the note
-        head given that token, with the stream's temperature and random numbers."""
+        head given that token, with the stream's temperature and random numbers; never a voice
+        ``banned_voices`` (B, max_voices) marks for its stream."""
         voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens)
+        if banned_voices is not None:
+            voice_logits = voice_logits.float().masked_fill(banned_voices, float("-inf"))
         return (sample(voice_logits, batch, salt=VOICE_SALT),
                 sample(velocity_logits, batch, salt=VELOCITY_SALT))
 

@@ -1,0 +1,94 @@
+"""A live stream's rollback point: where it goes back to when a person plays a note.
+
+The engine (:mod:`server.engine`) keeps, per live stream, a **checkpoint** (its field, position and
+heard counts in a second slab row, and here the decoder, the RNG step and the frontier at that
+token) and the **log** of every token read since: generated tokens with the step they were sampled
+at, played tokens marked :data:`PLAYED`. Going back to the latest note the client has been sent
+means: keep the log up to that note (and every played token: what a person played is never
+dropped), restore the checkpoint and read the kept tokens again (:func:`replay` gives their DNA and
+the decoder after them). The log stays short: once :data:`FOLD_TOKENS` kept tokens have piled up
+the engine reads them into the checkpoint row and drops them from the log.
+
+Memory per stream: the checkpoint row (as many bytes as the state: ``Engine.rollback_bytes``), a
+decoder copy, and at most :data:`MAX_LOG` log entries of four integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from model.tokenizer.stream import StreamDecoder
+from model.tokenizer.tokenizer import Tokenizer
+
+PLAYED = -1  # the step of a played token in the log
+FOLD_TOKENS = 32  # kept tokens that move the checkpoint forward
+MAX_LOG = 512  # past this the oldest tokens are folded in even if not sent (a stream that sends nothing)
+
+
+class LoggedToken(NamedTuple):
+    token: int
+    velocity: int  # level index
+    voice: int
+    step: int  # the stream's step it was sampled at; PLAYED for a played token
+
+
+@dataclass
+class Checkpoint:
+    """The host side of a stream's checkpoint (its field rows live in the engine's slab)."""
+
+    decoder: StreamDecoder
+    steps: int  # the stream's step counter there (fixes the randomness of the tokens after it)
+    frontier: float  # beats
+
+
+@dataclass
+class Replayed:
+    """The kept tokens read again from the checkpoint: the decoder after them, their DNA, the
+    step counter and the frontier after them."""
+
+    decoder: StreamDecoder
+    floats: np.ndarray  # (T, 7)
+    slots: np.ndarray  # (T,)
+    steps: int
+    frontier: float
+
+
+def kept_prefix(log: list[LoggedToken], sent_step: int) -> list[LoggedToken]:
+    """The log up to its last token that stays: a played token, or a generated one at or before
+    the latest sent note (``sent_step``). Generated tokens after it were never sent and are dropped.
+
+    Played tokens are only ever followed by tokens generated after them, so nothing played lies
+    in the dropped tail."""
+    for i in range(len(log) - 1, -1, -1):
+        step = log[i].step
+        if step == PLAYED or step <= sent_step:
+            return log[: i + 1]
+    return []
+
+
+def replay(checkpoint: Checkpoint, tokens: list[LoggedToken], tokenizer: Tokenizer, offset: float) -> Replayed:
+    """Push ``tokens`` into a copy of the checkpoint's decoder; their DNA as the model reads them
+    (each with the bar length in force after it, as at generation) and where the stream then stands.
+    ``offset``: the decoder time (beats) of the stream's beat 0."""
+    decoder = checkpoint.decoder.copy()
+    frontier, steps = checkpoint.frontier, checkpoint.steps
+    lengths = np.empty(len(tokens), dtype=np.float64)
+    for i, entry in enumerate(tokens):
+        decoder.push(entry.token, entry.velocity, entry.voice)
+        lengths[i] = decoder.bar_length
+        frontier = max(frontier, tokenizer.timebase.beats_from_grid(decoder.cursor) - offset)
+        if entry.step != PLAYED:
+            steps = entry.step + 1
+    as_array = lambda values: np.asarray(values, dtype=np.int64)
+    floats, slots = tokenizer.token_dna.of_tokens(as_array([t.token for t in tokens]),
+                                                  as_array([t.velocity for t in tokens]),
+                                                  as_array([t.voice for t in tokens]), lengths)
+    return Replayed(decoder, floats, slots, steps, frontier)
+
+
+def played_ids(tokens: list[LoggedToken]) -> np.ndarray:
+    """The ids of the played tokens among ``tokens`` (for the heard counts)."""
+    return np.asarray([t.token for t in tokens if t.step == PLAYED], dtype=np.int64)
