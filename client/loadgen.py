@@ -6,6 +6,10 @@ Prints sessions held (connected to the end without an error), notes/s, late note
 percentiles and errors; with ``--json`` one JSON object instead. When the server's ``/metrics``
 is reachable beside the WebSocket URL, the server's tokens/s and batch sizes over the run are
 reported too.
+
+With ``--play-rate N`` each session also plays a note every N seconds (starting now on its session
+clock) and measures its **answer latency**: from the moment it sent the played note to the
+scheduled time (``clock + start``) of the first note it receives whose ``heard_until`` covers it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class SessionResult:
     notes: int = 0
     late: int = 0
     headroom: list[float] = field(default_factory=list)
+    answer_latency: list[float] = field(default_factory=list)
+    played: int = 0
+    unanswered: int = 0
     errors: Counter = field(default_factory=Counter)
 
 
@@ -47,6 +54,11 @@ class Report:
     headroom_p1: float | None
     headroom_min: float | None
     errors: dict[str, int]
+    played: int = 0
+    answered: int = 0
+    answer_latency_p50: float | None = None
+    answer_latency_p99: float | None = None
+    answer_latency_max: float | None = None
     server_tokens_per_second: float | None = None
     server_mean_batch: float | None = None
     server_state_bytes: float | None = None
@@ -61,35 +73,76 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
+PLAYED_PITCHES = (55, 59, 62, 67)  # common pitches (a tiny model's vocabulary may lack others)
+
+
+class Player:
+    """A session's played notes: one every ``every`` seconds, and which of them were answered."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.waiting: list[tuple[float, float]] = []  # (start on the session clock, unix time sent)
+        self.count = 0
+
+    def note(self, clock: float) -> tuple[dict, float]:
+        """The next played note (starting now on the session clock), and when to play the one after."""
+        now = time.time()
+        start = max(0.0, now - clock)
+        self.waiting.append((start, now))
+        self.count += 1
+        pitch = PLAYED_PITCHES[self.count % len(PLAYED_PITCHES)]
+        return {"pitch": pitch, "velocity": 90, "start": round(start, 6), "duration": 0.25}, now + self.every
+
+    def answered(self, clock: float, note: dict) -> list[float]:
+        """The answer latencies ``note`` completes: for every played note its ``heard_until`` covers."""
+        heard = note.get("heard_until")
+        if heard is None:
+            return []
+        done = [(s, sent) for s, sent in self.waiting if s <= heard + 1e-6]
+        self.waiting = [w for w in self.waiting if w[0] > heard + 1e-6]
+        return [clock + float(note["start"]) - sent for _, sent in done]
+
+
 async def run_session(url: str, index: int, seconds: float, start: dict, stop_at: float,
-                      headers: dict[str, str] | None = None) -> SessionResult:
+                      headers: dict[str, str] | None = None, play_every: float = 0.0) -> SessionResult:
     result = SessionResult()
+    player = Player(play_every) if play_every > 0 else None
     try:
         async with websockets.connect(url, max_size=None, open_timeout=60, additional_headers=headers) as ws:
             await ws.send(json.dumps({"type": "start", "seed": index + 1, **start}))
             clock = None
+            play_at = math.inf
             while True:
                 remaining = stop_at - time.time()
                 if remaining <= 0:
                     break
+                if player is not None and clock is not None and time.time() >= play_at:
+                    note, play_at = player.note(clock)
+                    await ws.send(json.dumps({"type": "notes", "notes": [note]}))
                 try:
-                    raw = await asyncio.wait_for(ws.recv(), timeout=remaining)
+                    raw = await asyncio.wait_for(ws.recv(), timeout=max(0.001, min(remaining, play_at - time.time())))
                 except asyncio.TimeoutError:
-                    break
+                    continue
                 arrived = time.time()
                 message = json.loads(raw)
                 kind = message.get("type")
                 if kind == "session":
                     clock = message["clock"]
+                    play_at = max(time.time(), clock) + play_every / 2 if player is not None else math.inf
                 elif kind == "notes" and clock is not None:
                     for note in message["notes"]:
                         headroom = clock + note["start"] - arrived
                         result.headroom.append(headroom)
                         result.late += headroom < 0
+                        if player is not None:
+                            result.answer_latency += player.answered(clock, note)
                     result.notes += len(message["notes"])
                 elif kind == "error":
                     result.errors[message.get("code", "?")] += 1
             result.held = not result.errors and clock is not None
+            if player is not None:
+                result.played = player.count
+                result.unanswered = len(player.waiting)
             await ws.send(json.dumps({"type": "stop"}))
     except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
         code = getattr(getattr(exc, "rcvd", None), "code", None)
@@ -135,14 +188,14 @@ async def watch(url: str, every: float, stop_at: float, headers: dict[str, str] 
 
 
 async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float, every: float = 0,
-              headers: dict[str, str] | None = None) -> Report:
+              headers: dict[str, str] | None = None, play_every: float = 0.0) -> Report:
     before = read_metrics(metrics_url(url), headers)
     began = time.time()
     stop_at = began + ramp + seconds
     tasks = []
     watcher = asyncio.create_task(watch(metrics_url(url), every, stop_at, headers)) if every > 0 else None
     for i in range(sessions):
-        tasks.append(asyncio.create_task(run_session(url, i, seconds, start, stop_at, headers)))
+        tasks.append(asyncio.create_task(run_session(url, i, seconds, start, stop_at, headers, play_every)))
         if ramp:
             await asyncio.sleep(ramp / sessions)
     results = await asyncio.gather(*tasks)
@@ -159,6 +212,12 @@ async def run(url: str, sessions: int, seconds: float, start: dict, ramp: float,
                     notes_per_second=round(notes / elapsed, 1), late_notes=sum(r.late for r in results),
                     headroom_p50=_round(percentile(headroom, 50)), headroom_p1=_round(percentile(headroom, 1)),
                     headroom_min=_round(min(headroom, default=None)), errors=dict(errors))
+    latency = [a for r in results for a in r.answer_latency]
+    report.played = sum(r.played for r in results)
+    report.answered = len(latency)
+    report.answer_latency_p50 = _round(percentile(latency, 50))
+    report.answer_latency_p99 = _round(percentile(latency, 99))
+    report.answer_latency_max = _round(max(latency, default=None))
     if before and after:
         tokens = after.get("fm_tokens_total", 0) - before.get("fm_tokens_total", 0)
         batches = after.get("fm_batch_size_count", 0) - before.get("fm_batch_size_count", 0)
@@ -180,6 +239,9 @@ def format_report(r: Report) -> str:
              f"notes              {r.notes} ({r.notes_per_second}/s)",
              f"late notes         {r.late_notes}",
              f"headroom           p50 {ms(r.headroom_p50)}, p1 {ms(r.headroom_p1)}, min {ms(r.headroom_min)}",
+             *([f"answer latency     p50 {ms(r.answer_latency_p50)}, p99 {ms(r.answer_latency_p99)}, "
+                f"max {ms(r.answer_latency_max)} ({r.answered} of {r.played} played notes answered)"]
+               if r.played else []),
              f"errors             {sum(r.errors.values())}" + (f" {r.errors}" if r.errors else "")]
     if r.server_tokens_per_second is not None:
         lines.append(f"server tokens/s    {r.server_tokens_per_second} (mean batch {r.server_mean_batch}, "
@@ -199,17 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch", type=float, default=0.0,
                         help="every this many seconds, print the server's sessions, tokens, state bytes per "
                              "session and resident memory to stderr (0 = off)")
+    parser.add_argument("--play-rate", type=float, default=0.0, metavar="SECONDS",
+                        help="each session plays a note every this many seconds and measures the answer latency "
+                             "(0 = plays nothing)")
+    parser.add_argument("--lookahead", type=float, default=None,
+                        help="each session's lookahead in seconds (server default if unset; at least 0.05)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--api-key", default=os.environ.get("FM_API_KEY", ""),
                         help="the server's API key, if it has one (default: $FM_API_KEY)")
     args = parser.parse_args(argv)
-    if args.sessions < 1 or args.seconds <= 0:
-        parser.error("--sessions must be >= 1 and --seconds > 0")
+    if args.sessions < 1 or args.seconds <= 0 or args.play_rate < 0:
+        parser.error("--sessions must be >= 1, --seconds > 0 and --play-rate >= 0")
     start = {"bpm": args.bpm}
     if args.temperature is not None:
         start["temperature"] = args.temperature
+    if args.lookahead is not None:
+        start["lookahead"] = args.lookahead
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp, args.watch, headers))
+    report = asyncio.run(run(args.url, args.sessions, args.seconds, start, args.ramp, args.watch, headers,
+                             args.play_rate))
     print(json.dumps(asdict(report)) if args.json else format_report(report))
     return 0 if report.held == report.sessions else 1
 

@@ -31,6 +31,9 @@ class ServerConfig:
         "help": "seconds of music sent ahead of time (notes leave the server at most this early)"})
     generate_ahead: float = field(default=0.5, metadata={
         "help": "seconds of music generated beyond the lookahead and held on the server, to absorb slow steps"})
+    answer_after_generated: bool = field(default=False, metadata={
+        "help": "read played notes after all the music already generated (the behaviour before answers went back "
+                "to the latest sent note; for comparison): answers come up to lookahead plus generate-ahead later"})
     threads: int = field(default=0, metadata={
         "help": "CPU threads for the model on CPU; 0: one fewer than the CPU cores (at least 1), "
                 "leaving a core to the network side"})

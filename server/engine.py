@@ -68,6 +68,9 @@ from server.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 
+ANSWER_MARGIN = 0.02  # seconds: an answer starts this much after its lookahead from now (hand-over time)
+
+
 class EngineFull(RuntimeError):
     """Every row of the state slab is taken."""
 
@@ -157,7 +160,7 @@ class Stream:
 class Engine:
     def __init__(self, model: FieldMachine, tokenizer: Tokenizer, *, capacity: int, max_batch: int,
                  lookahead: float, generate_ahead: float, metrics: Metrics | None = None,
-                 input_chunk: int = 256) -> None:
+                 input_chunk: int = 256, rollback: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generator = BatchGenerator(model, tokenizer)
@@ -168,6 +171,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch=max_batch, horizon=lookahead + generate_ahead)
         self.metrics = metrics or Metrics()
         self.input_chunk = input_chunk
+        self.rollback = rollback  # live streams answer from their latest sent note (else after all generated)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._free = list(range(capacity - 1, -1, -1))
@@ -471,7 +475,7 @@ class Engine:
                 continue
             stream.primed = True  # its prompt is read: the clock starts
             stream.clock = time.time() + self.lookahead
-            if stream.realtime:
+            if stream.realtime and self.rollback:
                 self._take_checkpoint(stream)
             if stream.ready_future is not None:
                 self._post(_settle, stream.ready_future, None, False)
@@ -561,7 +565,8 @@ class Engine:
                 beat = self.timebase.beats_from_steps(n.onset) - stream.offset
                 earliest = previous
                 if stream.epoch:  # answering: the notes after a rollback may lie before "now"
-                    earliest = max(earliest, stream.timeline.beat_at(now - stream.clock + stream.lookahead))
+                    earliest = max(earliest, stream.timeline.beat_at(now - stream.clock + stream.lookahead
+                                                                       + ANSWER_MARGIN))
                 if stream.realtime and beat < earliest:
                     # A live stream only moves forward: a note placed before the latest onset
                     # (earlier in the bar) sounds at that onset instead of in the past.
