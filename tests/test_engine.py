@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
 from model.checkpoint.format import load_model
 from model.sampling.config import SamplingConfig
 from server.engine import Engine, StreamNote
+from server.rollback import FOLD_TOKENS
 from model.timebase import Timeline
 from tests.waiting import wait_until
 
@@ -93,7 +95,9 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
             # common pitches on whole beats; the tiny model's vocabulary may still lack one of them
             beat = math.ceil(stream.frontier) + 1
             played = [StreamNote(beat + i, 0.5, pitch, 90, 0) for i, pitch in enumerate((60, 62, 64, 67))]
-            tokens, unknown = await engine.feed(stream, played)
+            stream.sent_step = received[-1].step  # everything generated so far was sent: nothing is dropped
+            fed = await engine.feed(stream, played)
+            tokens, unknown = fed.tokens, fed.unknown
             assert tokens >= 1 and tokens + unknown >= 4
             # what the stream heard from its player (for key_pull): the played notes it could read,
             # nothing it generated
@@ -105,6 +109,7 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
                                      f"{int(engine.position[stream.slot])}, was {position} + {tokens} played tokens")
             assert (engine.field.shape, engine.logits.shape) == slab
             assert engine.state_bytes == engine.field.shape[1] * 4 + 8 + 12 * 4  # field, position, heard
+            assert engine.rollback_bytes == engine.state_bytes  # the checkpoint: the same rows once more
             beats = [n.beat for n in received]
             assert beats == sorted(beats)  # a live stream only moves forward
             await engine.release(stream)
@@ -112,3 +117,95 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
         finally:
             engine.close()
     asyncio.run(main())
+
+
+PLAYED_PITCHES = (55, 59, 62, 67)  # pitches of the tiny corpus (its vocabulary has few others)
+
+
+async def open_live(engine: Engine, received: list, seed: int, bpm: float = 120, **kwargs):
+    return await engine.open(None, sampling=SamplingConfig(seed=seed), timeline=Timeline(bpm), realtime=True,
+                             sink=received.extend, on_error=print, **kwargs)
+
+
+def test_played_notes_drop_the_unsent_notes_and_are_answered_from_the_latest_sent_one(served):
+    """The stream goes back to the latest sent note, reads the played notes at their own time and
+    generates on from there: the next note is the token after the sent one, it heard the played
+    notes, and it starts no sooner than a lookahead from now."""
+    async def main():
+        engine = make_engine(served, lookahead=0.1, generate_ahead=0.5)
+        engine.start()
+        received = []
+        try:
+            stream = await open_live(engine, received, seed=5)
+            await wait_until(lambda: len(received) >= 6, 30, lambda: f"generated notes: {len(received)} so far")
+            sent = received[2]
+            stream.sent_step = sent.step  # the client has been sent three notes; the rest are void
+            now = time.time() - stream.clock
+            beat = stream.timeline.beat_at(now)
+            played = [StreamNote(beat, 0.5, pitch, 90, 0) for pitch in PLAYED_PITCHES]
+            fed = await engine.feed(stream, played, heard_until=now)
+            assert fed.tokens >= 1 and fed.epoch == 1
+            answers = lambda: [n for n in received if n.epoch == fed.epoch]
+            await wait_until(lambda: len(answers()) >= 3, 30, lambda: f"answers: {len(answers())} so far")
+            first = answers()[0]
+            assert all(n.heard_until == now for n in answers())
+            assert all(n.heard_until is None for n in received if n.epoch == 0)
+            assert first.step > sent.step  # generation went on from the sent note, not after the dropped ones
+            assert min(n.step for n in received if n.epoch == 0 and n.step > sent.step) == sent.step + 1
+            assert first.beat >= beat  # not before the played note, nor (floor) before now + lookahead
+            beats = [n.beat for n in answers()]
+            assert beats == sorted(beats)
+            assert engine.metrics.rollbacks._value.get() == 1
+        finally:
+            engine.close()
+    asyncio.run(main())
+
+
+def test_the_rollback_log_stays_short_while_notes_are_sent(served):
+    """Sent tokens fold into the checkpoint: the log holds about the unsent tail, not the session."""
+    async def main():
+        engine = make_engine(served)
+        engine.start()
+        received = []
+        try:
+            stream = await open_live(engine, received, seed=6, bpm=400)
+
+            def send_all() -> bool:
+                if received:
+                    stream.sent_step = received[-1].step
+                return stream.steps > 3 * FOLD_TOKENS
+            await wait_until(send_all, 60, lambda: f"tokens: {stream.steps}")
+            assert stream.checkpoint.steps > 0 and len(stream.log) < 2 * FOLD_TOKENS
+            fed = await engine.feed(stream, [StreamNote(stream.frontier, 0.5, p, 90, 0) for p in PLAYED_PITCHES])
+            assert fed.epoch == 1
+            await wait_until(lambda: any(n.epoch == 1 for n in received), 30, lambda: "an answer after the fold")
+        finally:
+            engine.close()
+    asyncio.run(main())
+
+
+def played_voices(engine: Engine, seed: int, count: int, banned: tuple[int, ...]) -> list[int]:
+    async def main():
+        engine.start()
+        received = []
+        try:
+            await open_live(engine, received, seed=seed, bpm=400, banned_voices=banned)
+            await wait_until(lambda: len(received) >= count, 60, lambda: f"notes: {len(received)} so far")
+        finally:
+            engine.close()
+        return [n.voice for n in received]
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("banned", [(0,), (0, 1), (0, 1, 2)], ids=["one voice", "two voices", "three voices"])
+def test_accompaniment_never_plays_the_players_voices_and_plays_the_others(served, banned):
+    """The tiny model learned two voices (0 and 1, tests/conftest.py's corpus); its voice head has 16
+    and puts a little weight on the rest. "Plays the others" is checked against the voices it plays
+    often (a tenth of its notes or more) when nothing is banned: each one not banned still comes;
+    with both learned voices banned, it still plays, in the voices left."""
+    free = played_voices(make_engine(served), seed=7, count=80, banned=())
+    voices = played_voices(make_engine(served), seed=7, count=80, banned=banned)
+    assert len(voices) >= 80
+    assert not set(voices) & set(banned)
+    common = {v for v in free if free.count(v) * 10 >= len(free)}
+    assert common and common - set(banned) <= set(voices)
