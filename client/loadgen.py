@@ -73,16 +73,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-PLAYED_PITCHES = (55, 59, 62, 67)  # common pitches (a tiny model's vocabulary may lack others)
-
-
 class Player:
-    """A session's played notes: one every ``every`` seconds, and which of them were answered."""
+    """A session's played notes: one every ``every`` seconds, and which of them were answered.
+
+    It plays the pitch and length of the latest note it received (one the model's vocabulary holds,
+    so a small model reads it too), starting now."""
 
     def __init__(self, every: float) -> None:
         self.every = every
         self.waiting: list[tuple[float, float]] = []  # (start on the session clock, unix time sent)
         self.count = 0
+        self.heard = {"pitch": 60, "duration": 0.25}
 
     def note(self, clock: float) -> tuple[dict, float]:
         """The next played note (starting now on the session clock), and when to play the one after."""
@@ -90,11 +91,11 @@ class Player:
         start = max(0.0, now - clock)
         self.waiting.append((start, now))
         self.count += 1
-        pitch = PLAYED_PITCHES[self.count % len(PLAYED_PITCHES)]
-        return {"pitch": pitch, "velocity": 90, "start": round(start, 6), "duration": 0.25}, now + self.every
+        return {**self.heard, "velocity": 90, "start": round(start, 6)}, now + self.every
 
     def answered(self, clock: float, note: dict) -> list[float]:
         """The answer latencies ``note`` completes: for every played note its ``heard_until`` covers."""
+        self.heard = {"pitch": note["pitch"], "duration": note["duration"]}
         heard = note.get("heard_until")
         if heard is None:
             return []

@@ -71,7 +71,7 @@ def live_server(served_checkpoint):
     from server.config import ServerConfig
     from tests.server_harness import running_server
 
-    with running_server(ServerConfig(checkpoint=str(served_checkpoint), max_sessions=64)) as server:
+    with running_server(ServerConfig(checkpoint=str(served_checkpoint), max_sessions=128)) as server:
         yield server
 
 

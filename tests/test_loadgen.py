@@ -30,3 +30,18 @@ def test_loadgen_counts_sessions_it_could_not_hold():
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["held"] == 0 and sum(report["errors"].values()) == 2
+
+
+def test_loadgen_plays_notes_and_reports_the_answer_latency(live_server, timing_report):
+    result = run_module("client.loadgen", "--url", live_server.ws_url, "--sessions", "2", "--seconds", "5",
+                        "--play-rate", "1", "--lookahead", "0.1", "--json", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["held"] == 2 and report["played"] >= 4
+    assert 0 < report["answered"] <= report["played"]
+    p50, p99, worst = (report[k] for k in ("answer_latency_p50", "answer_latency_p99", "answer_latency_max"))
+    assert 0.1 <= p50 <= p99 <= worst  # an answer never starts sooner than the lookahead after the note
+    timing_report("loadgen_answer_latency",
+                  f"loadgen, 2 sessions playing a note a second, lookahead 0.1 s: answer latency p50 "
+                  f"{p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {worst * 1000:.0f} ms; "
+                  f"{report['late_notes']} late of {report['notes']} notes", report=report)

@@ -18,6 +18,7 @@ from server import session as session_module
 from server.config import ServerConfig
 from server.connection import Connection
 from server.engine import StreamNote
+from server.protocol import ErrorCode, RequestError
 from server.session import SEND_WINDOW, Session
 from tests.midi_builders import build_midi
 from tests.server_harness import collect_notes, receive, receive_until, running_server, start_session
@@ -101,7 +102,7 @@ def test_notes_leave_a_lookahead_before_their_start(monkeypatch):
     monkeypatch.setattr(session_module, "time", SimpleNamespace(time=lambda: now[0]))
     registry = SimpleNamespace(config=SimpleNamespace(lookahead=0.5))
     session = Session(registry)
-    session.stream = SimpleNamespace(timeline=Timeline(120), clock=now[0] + 0.5, frontier=0.0, paused=False)
+    session.stream = SimpleNamespace(timeline=Timeline(120), clock=now[0] + 0.5, frontier=0.0, paused=False, sent_step=-1)
     session.on_generated([StreamNote(beat, 0.5, 60 + i, 80, 0) for i, beat in enumerate((0, 1, 2, 2.005, 6))])
 
     def leave(start: float) -> float:  # the unix time a note starting at ``start`` is due to leave
@@ -194,6 +195,55 @@ def test_played_notes_change_the_continuation(live_server):
     assert melody(answered[:60]) != melody(reference)
 
 
+def test_a_played_note_is_answered_within_the_lookahead_and_the_answers_say_so(live_server, timing_report):
+    """Notes sent before the played note heard nothing; the notes after it say ``heard_until`` =
+    its start, and the first of them starts no sooner than the session's lookahead after it was
+    read (the answer latency, from sending it to that start, is reported, not asserted)."""
+    with live_server.connect() as ws:
+        session, _ = start_session(ws, seed=32, bpm=120, lookahead=0.05)
+        assert session["lookahead"] == 0.05
+        before = collect_notes(ws, 3)
+        assert all(n["heard_until"] is None for n in before)
+        sent_at = time.time()
+        start = round(sent_at - session["clock"], 6)
+        ws.send(json.dumps({"type": "notes", "notes": [{"pitch": p, "start": start, "duration": 0.25}
+                                                       for p in (55, 59, 62, 67)]}))
+        arrivals = []
+        while not any(n["heard_until"] is not None for _, n in arrivals):
+            message = receive(ws, 30)
+            assert message["type"] != "error", message
+            arrivals += [(time.time(), n) for n in message.get("notes", [])]
+    answer = next(n for _, n in arrivals if n["heard_until"] is not None)
+    assert answer["heard_until"] == pytest.approx(start)
+    assert answer["start"] >= start + 0.05
+    headroom = [session["clock"] + n["start"] - at for at, n in arrivals]
+    assert max(headroom) <= 0.05 + SEND_WINDOW + 0.001, "a note left more than the session's lookahead early"
+    latency = session["clock"] + answer["start"] - sent_at
+    timing_report("answer_latency_one", f"one played note at 120 bpm, lookahead 0.05 s: answered "
+                  f"{latency * 1000:.0f} ms after it was sent", latency_s=round(latency, 4))
+
+
+def test_accompaniment_is_echoed_and_the_model_keeps_off_the_played_voice(live_server):
+    with live_server.connect() as ws:
+        _, state = start_session(ws, seed=33, bpm=FAST, accompany={"voices": [1]})
+        assert state["accompany"] == {"voices": [1]}
+        assert all(n["voice"] != 1 for n in collect_notes(ws, 40))
+        ws.send(json.dumps({"type": "set", "accompany": {"voices": []}}))
+        assert receive_until(ws, "state")["accompany"] is None
+
+
+def test_accompanying_every_voice_of_the_model_is_refused():
+    """Only a model with fewer than 16 voices can be asked for all of them (the protocol takes 15)."""
+    engine = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_voices=2)))
+    connection = Connection(SimpleNamespace(), SimpleNamespace(engine=engine, metrics=None,
+                                                               config=ServerConfig()))
+    message = SimpleNamespace(accompany=SimpleNamespace(voices=[1, 0]))
+    with pytest.raises(RequestError, match="every voice this model plays") as refused:
+        connection.accompanied_voices(message)
+    assert refused.value.code == ErrorCode.INVALID_MESSAGE
+    assert connection.accompanied_voices(SimpleNamespace(accompany=SimpleNamespace(voices=[1]))) == [1]
+
+
 def test_pause_stops_the_stream_and_resume_continues_it(live_server):
     with live_server.connect() as ws:
         start_session(ws, seed=41, bpm=FAST)
@@ -283,7 +333,7 @@ def test_a_sender_cancelled_as_it_is_woken_still_ends():
     async def main() -> bool:
         registry = SimpleNamespace(config=ServerConfig(lookahead=0.5), metrics=SimpleNamespace())
         session = Session(registry)
-        session.stream = SimpleNamespace(timeline=Timeline(120), clock=time.time(), frontier=0.0, paused=False)
+        session.stream = SimpleNamespace(timeline=Timeline(120), clock=time.time(), frontier=0.0, paused=False, sent_step=-1)
         session.on_generated([StreamNote(100.0, 1.0, 60, 80, 0)])  # due to leave in ~50 s
         connection = Connection(SimpleNamespace(), registry)
         connection.session = session
@@ -318,6 +368,14 @@ BAD_FRAMES = [
     (json.dumps({"type": "start", "programs": ["piano"]}), "invalid_message"),
     (json.dumps({"type": "start", "programs": [0] * 17}), "invalid_message"),
     (json.dumps({"type": "start", "programs": 40}), "invalid_message"),
+    (json.dumps({"type": "start", "lookahead": 0.01}), "invalid_message"),
+    (json.dumps({"type": "start", "lookahead": 31}), "invalid_message"),
+    (json.dumps({"type": "start", "accompany": {"voices": [16]}}), "invalid_message"),
+    (json.dumps({"type": "start", "accompany": {"voices": [-1]}}), "invalid_message"),
+    (json.dumps({"type": "start", "accompany": {"voices": [0, 0]}}), "invalid_message"),
+    (json.dumps({"type": "start", "accompany": {"voices": list(range(16))}}), "invalid_message"),
+    (json.dumps({"type": "start", "accompany": [0]}), "invalid_message"),
+    (json.dumps({"type": "start", "accompany": {"voice": [0]}}), "invalid_message"),
     (json.dumps({"type": "start", "prompt_midi": "bm90IGEgbWlkaSBmaWxl"}), "invalid_prompt"),
     (json.dumps({"type": "start", "prompt_midi": "%%% not base64"}), "invalid_prompt"),
     (json.dumps({"type": "notes", "notes": [{"pitch": 60, "start": 0}]}), "not_started"),
@@ -348,6 +406,9 @@ BAD_IN_SESSION = [
     ({"type": "set", "key_pull": "strong"}, "invalid_message"),
     ({"type": "set", "prompt_midi": "AAAA"}, "invalid_message"),
     ({"type": "set", "programs": [0, 200]}, "invalid_message"),
+    ({"type": "set", "accompany": {"voices": [1, 1]}}, "invalid_message"),
+    ({"type": "set", "accompany": {"voices": ["melody"]}}, "invalid_message"),
+    ({"type": "set", "lookahead": 0.1}, "invalid_message"),  # a session's lookahead is set at start
     ({"type": "start"}, "already_started"),
 ]
 
