@@ -50,7 +50,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from client.clock_follow import TEMPO_CHANGE, ClockFollower
 from client.midi_channels import GM_DRUM_CHANNEL, ChannelMap, parse_programs, program_change, silence
 from client.midi_clock import ClockSender, is_clock_message
-from server.protocol import MAX_BPM, MAX_PLAYED_NOTES, MIN_BPM, Settings
+from server.protocol import MAX_BPM, MAX_PLAYED_NOTES, MIN_BPM, Accompany, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -588,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send notes this many milliseconds early (negative: late), to make up for latency "
                              "after the port")
     parser.add_argument("--list-ports", action="store_true", help="list the MIDI inputs and outputs and exit")
+    parser.add_argument("--accompany", type=_voices, metavar="V,V,...", default=None,
+                        help="the voices you play (0-15, comma-separated); the model plays the others. Your notes go "
+                             "in as the first of them")
+    parser.add_argument("--lookahead", type=float, default=None,
+                        help="the session's lookahead in seconds (0.05-30; a bridge on the server's machine can take "
+                             "0.05); default the server's")
     parser.add_argument("--prompt_midi", "--prompt-midi", metavar="FILE", type=Path, default=None,
                         help="a .mid file the session continues")
     start = parser.add_argument_group("start parameters (omitted ones take the server's defaults)")
@@ -615,12 +621,23 @@ def _programs(text: str) -> list[int | None]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _voices(text: str) -> list[int]:
+    try:
+        return Accompany(voices=[int(v) for v in text.split(",") if v.strip()]).voices
+    except ValueError as exc:  # a pydantic ValidationError too
+        raise argparse.ArgumentTypeError(f"{text!r}: voices 0-15, comma-separated, unique, at most 15 ({exc})") from None
+
+
 def start_message(args: argparse.Namespace) -> dict:
     """The ``start`` fields from the command line, checked against the protocol's ``Settings``."""
     settings = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
     Settings.model_validate(settings)
     if args.programs is not None:
         settings["programs"] = args.programs
+    if args.accompany is not None:
+        settings["accompany"] = {"voices": args.accompany}
+    if args.lookahead is not None:
+        settings["lookahead"] = args.lookahead
     if args.prompt_midi is not None:
         settings["prompt_midi"] = base64.b64encode(args.prompt_midi.read_bytes()).decode("ascii")
     return settings

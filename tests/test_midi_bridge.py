@@ -565,6 +565,18 @@ def test_start_parameters_come_from_the_protocol_settings(tmp_path):
         start_message(parser.parse_args(["--top_p", "1.5"]))
 
 
+def test_accompany_and_lookahead_go_in_the_start_message(capsys):
+    from client.midi_bridge import build_parser, start_message
+
+    parser = build_parser()
+    args = parser.parse_args(["--accompany", "0,2", "--lookahead", "0.05"])
+    assert start_message(args) == {"accompany": {"voices": [0, 2]}, "lookahead": 0.05}
+    for bad in ("0,0", "16", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--accompany", bad])
+        assert "voices 0-15" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- a DAW's clock
 class DawClock:
     """What a DAW sends when it leads: a JACK MIDI output with 24 clocks a beat from a thread, and
