@@ -197,6 +197,25 @@ def test_changing_temperature_sends_set(page):
     assert page.sent_of("set")[-1] == {"type": "set", "temperature": 1.3}
 
 
+def test_accompany_toggle_leaves_the_melody_to_the_player(page):
+    """"You play the melody, it plays the rest": checked before start, the start message asks the
+    server to leave voice 0 (the voice played notes take) alone, and no note it sends is in that
+    voice; unchecked while playing, a set turns it off and the state says so."""
+    pg = page.page
+    pg.check("#accompany")
+    page.start(notes=24)
+    assert page.sent_of("start")[0]["accompany"] == {"voices": [0]}
+    generated = [n for m in page.received if m["type"] == "notes" for n in m["notes"]]
+    assert len(generated) >= 24 and all(n["voice"] != 0 for n in generated), {n["voice"] for n in generated}
+    pg.uncheck("#accompany")
+    deadline = time.monotonic() + 10
+    while not any(m["type"] == "state" and "accompany" in m and m["accompany"] is None for m in page.received):
+        assert time.monotonic() < deadline, f"no state without accompany; sent {page.sent_of('set')}"
+        pg.wait_for_timeout(50)
+    assert page.sent_of("set")[-1] == {"type": "set", "accompany": {"voices": []}}
+    assert not pg.is_checked("#accompany")
+
+
 def test_typed_keys_sound_at_once_and_go_to_the_session(page):
     pg = page.page
     page.start(notes=1)

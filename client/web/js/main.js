@@ -21,7 +21,7 @@ const ui = {
   url: $("ws-url"), apiKey: $("api-key"), dot: $("status-dot"), text: $("status-text"), notes: $("stat-notes"), session: $("stat-session"),
   headroom: $("stat-headroom"), hint: $("roll-hint"), legend: $("legend"), drop: $("drop"),
   file: $("prompt-file"), promptText: $("prompt-text"), promptClear: $("prompt-clear"),
-  seed: $("seed"), dice: $("dice"), octave: $("octave"),
+  seed: $("seed"), dice: $("dice"), octave: $("octave"), accompany: $("accompany"),
 };
 const KNOBS = ["bpm", "temperature", "top_k", "top_p", "key_pull"];
 
@@ -66,7 +66,13 @@ function settings() {
   const s = {};
   for (const k of KNOBS) s[k] = Number($(k).value);
   if (ui.seed.value !== "") s.seed = Number(ui.seed.value);
+  if (ui.accompany.checked) s.accompany = accompaniment();
   return s;
+}
+
+// "You play the melody, it plays the rest": the played voice is the model's to leave alone.
+function accompaniment() {
+  return { voices: ui.accompany.checked ? [PLAYED_VOICE] : [] };
 }
 
 let setTimer = null;
@@ -101,6 +107,7 @@ for (const k of KNOBS) {
 ui.seed.addEventListener("change", () => {
   if (ui.seed.value !== "") sendSet({ seed: Math.max(0, Math.floor(Number(ui.seed.value))) }, true);
 });
+ui.accompany.addEventListener("change", () => sendSet({ accompany: accompaniment() }, true));
 ui.dice.addEventListener("click", () => {
   ui.seed.value = Math.floor(Math.random() * 2 ** 31);
   sendSet({ seed: Number(ui.seed.value) }, true);
@@ -115,6 +122,9 @@ function showState(msg) {
     $(`${k}-out`).textContent = fmt[k](Number(input.value));
   }
   if (msg.seed !== undefined && document.activeElement !== ui.seed) ui.seed.value = msg.seed;
+  if (msg.accompany !== undefined && !("accompany" in setPending)) {
+    ui.accompany.checked = Boolean(msg.accompany && msg.accompany.voices.length);
+  }
   if (msg.bpm !== undefined && msg.bpm !== bpm) {
     bpm = msg.bpm;
     tempos.push({ t: wallNow(), bpm });
