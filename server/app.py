@@ -52,13 +52,15 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
         engine.start()
         app.state.engine = engine
         prompts = PromptReader(served.tokenizer, config.read_limits, config.prompt_workers)
-        app.state.registry = SessionRegistry(config, engine, prompts, metrics)
+        app.state.registry = registry = SessionRegistry(config, engine, prompts, metrics, served.digest)
+        registry.saved.start()
         app.state.jobs = GenerateJobs(config, engine, served.tokenizer, prompts, metrics)
         logger.info("serving %s (%s parameters) on %s in %s", served.path, f"{served.parameters:,}",
                     served.device, str(served.dtype).removeprefix("torch."))
         try:
             yield
         finally:
+            await registry.saved.close()  # with --store: every session saved before the engine stops
             engine.close()
             prompts.close()
 
@@ -93,7 +95,8 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
                            state_bytes_per_session=engine.state_bytes,
                            rollback_bytes_per_session=engine.rollback_bytes,
                            sessions=len(request.app.state.registry.sessions), max_sessions=config.max_sessions,
-                           lookahead=config.lookahead, uptime_seconds=round(time.time() - started, 1))
+                           lookahead=config.lookahead, uptime_seconds=round(time.time() - started, 1),
+                           checkpoint_digest=served.digest, store=request.app.state.registry.saved.store_name)
         return JSONResponse(body.model_dump(), status_code=200 if engine.running else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=METRICS_RESPONSES)

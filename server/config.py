@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.midi.limits import ReadLimits
+from server.store import check_store_url
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -39,6 +40,18 @@ class ServerConfig:
                 "leaving a core to the network side"})
     resume_seconds: float = field(default=60.0, metadata={
         "help": "how long a dropped session waits for its resume token"})
+    store: str = field(default="", metadata={
+        "help": "session store shared by replicas, redis://HOST:PORT/DB: sessions are saved there every "
+                "--snapshot-seconds, when a connection drops and at shutdown, and a resume token works on any "
+                "replica that shares it; bookmarks are kept there too. Empty: sessions live in this process only"})
+    snapshot_seconds: float = field(default=5.0, metadata={
+        "help": "with --store: how often each live session is saved (a replica killed without warning loses at "
+                "most this much of a stream, which its new replica generates again and does not send twice)"})
+    bookmark_seconds: float = field(default=7 * 86_400.0, metadata={
+        "help": "how long a bookmark ({\"type\":\"snapshot\"}) is kept"})
+    max_bookmarks_per_session: int = field(default=100, metadata={
+        "help": "bookmarks and forks one session may make (without --store the server keeps at most 10,000 "
+                "bookmarks in memory, dropping the oldest)"})
     max_frame_bytes: int = field(default=1 << 20, metadata={
         "help": "largest WebSocket frame accepted (bigger ones close with code 1009)"})
     max_upload_bytes: int = field(default=1 << 20, metadata={"help": "largest .mid prompt accepted"})
@@ -94,6 +107,11 @@ class ServerConfig:
         _ = self.read_limits  # builds ReadLimits, which checks every prompt limit
         if self.prompt_workers < 1 or self.max_sessions_per_client < 1 or self.max_jobs_per_client < 1:
             raise ValueError("prompt_workers, max_sessions_per_client and max_jobs_per_client must be at least 1")
+        check_store_url(self.store)
+        if not 0.1 <= self.snapshot_seconds <= 3600 or not self.bookmark_seconds > 0:
+            raise ValueError("snapshot_seconds must lie in [0.1, 3600] and bookmark_seconds be > 0")
+        if self.max_bookmarks_per_session < 0:
+            raise ValueError("max_bookmarks_per_session must be 0 or more")
         if not self.max_messages_per_second > 0 or not self.send_timeout > 0:
             raise ValueError("max_messages_per_second and send_timeout must be > 0")
         if not self.api_key and not self.insecure_no_auth and not is_loopback(self.exposed_host or self.host):

@@ -37,9 +37,10 @@ from pydantic import ValidationError
 from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
 from server.engine import EngineClosed, EngineFull, StreamNote
-from server.protocol import (CLIENT_TYPES, ErrorCode, ErrorReply, NotesMessage, NotesReply, PauseMessage,
-                             RequestError, ResumeMessage, SessionReply, SetMessage, StartMessage, StopMessage,
-                             StoppedReply, client_address, client_message_adapter, format_validation_error)
+from server.protocol import (CLIENT_TYPES, ErrorCode, ErrorReply, ForkMessage, NotesMessage, NotesReply,
+                             PauseMessage, RequestError, ResumeMessage, SessionReply, SetMessage, SnapshotMessage,
+                             StartMessage, StopMessage, StoppedReply, client_address, client_message_adapter,
+                             format_validation_error)
 from server.session import Session, SessionRegistry
 
 logger = logging.getLogger(__name__)
@@ -166,13 +167,17 @@ class Connection:
             await self.send(self.session.state_reply())
         elif isinstance(msg, StopMessage):
             await self.on_stop()
+        elif isinstance(msg, SnapshotMessage):
+            await self.send(await self.registry.saved.bookmark(self.session))
+        elif isinstance(msg, ForkMessage):
+            await self.send(await self.registry.saved.fork(self.session, msg.seed))
 
     async def on_start(self, msg: StartMessage) -> None:
         if self.session is not None:
             raise RequestError(ErrorCode.ALREADY_STARTED, "this connection already has a session; "
                                "send set to change settings, or stop")
         if msg.resume_token is not None:
-            await self.resume(msg.resume_token)
+            await self.resume(msg.resume_token, msg.last_beat)
             return
         registry = self.registry
         if registry.full:
@@ -181,6 +186,9 @@ class Connection:
         client = client_address(self.ws)
         if registry.full_for(client):
             await self.refuse_full(per_client=True)
+            return
+        if msg.snapshot is not None:
+            await self.start_from_snapshot(msg, client)
             return
         cfg = registry.config
         prompt = await registry.prompts.read(msg, msg, cfg.max_upload_bytes)
@@ -213,15 +221,47 @@ class Connection:
         self.start_sending()
         logger.info("session %s started (%d prompt notes, seed %d)", session.id, prompt.notes, seed)
 
-    async def resume(self, token: str) -> None:
+    async def start_from_snapshot(self, msg: StartMessage, client: str) -> None:
+        """A new session from a bookmark, with the start message's settings over the bookmark's."""
+        registry = self.registry
+        snap = await registry.saved.load_bookmark(msg.snapshot)
+        accompany = self.accompanied_voices(msg)
+        session = await registry.saved.restore(snap, client=client, sampling=msg.applied_to(snap.sampling))
+        if registry.full or registry.full_for(client):
+            await registry.engine.release(session.stream)
+            await self.refuse_full(per_client=not registry.full)
+            return
+        if msg.programs is not None:
+            session.programs = msg.programs
+        if accompany is not None:
+            session.accompany = accompany
+            session.stream.banned_voices = tuple(accompany)
+        if msg.lookahead is not None:
+            session.requested_lookahead = session.stream.lookahead = msg.lookahead
+        self.bind(session)
+        registry.add(session)
+        session.set_running(True)
+        if msg.bpm is not None:
+            session.retime(bpm=msg.bpm)
+        await self.send(SessionReply(id=session.id, resume_token=session.resume_token, clock=session.stream.clock,
+                                     lookahead=session.lookahead, snapshot=msg.snapshot, reread=session.reread))
+        await self.send(session.state_reply())
+        self.start_sending()
+        logger.info("session %s started from snapshot %s", session.id, msg.snapshot)
+
+    async def resume(self, token: str, last_beat: float | None = None) -> None:
         session = self.registry.by_token.get(token)
+        if session is None:  # held by another replica (or one that stopped): the shared store may have it
+            session = await self.registry.saved.resume(token, client_address(self.ws))
         if session is None or session.ended or session.connection is not None:
             raise RequestError(ErrorCode.UNKNOWN_RESUME_TOKEN,
                                "this resume token is unknown, expired or in use by another connection")
+        if last_beat is not None:
+            session.received_through(last_beat)
         self.registry.attach(session, self)
         self.bind(session)
         await self.send(SessionReply(id=session.id, resume_token=session.resume_token, clock=session.stream.clock,
-                                     resumed=True, lookahead=session.lookahead))
+                                     resumed=True, lookahead=session.lookahead, reread=session.reread))
         if not session.paused:
             session.set_running(True)
         await self.send(session.state_reply())
@@ -286,7 +326,7 @@ class Connection:
 
     async def on_stop(self) -> None:
         session = self.session
-        self.registry.end(session)
+        self.registry.end(session, stopped=True)
         await self.stop_sender()
         await self.send(StoppedReply(notes_sent=session.sent))
         self.closing = (1000, "stopped")

@@ -57,17 +57,21 @@ from model.generation.generator import BatchGenerator, StreamStep, decoder_for, 
 from model.generation.key_pull import PITCH_CLASSES
 from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
+from model.tokenizer.portable import from_first_bar, from_portable, to_portable
 from model.tokenizer.stream import StreamDecoder
+from model.tokenizer.vocabulary import TokenizerError
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.sequences import TokenSequence
 from server.metrics import Metrics
 from server.rollback import (FOLD_TOKENS, MAX_LOG, PLAYED, Checkpoint, LoggedToken, Replayed, kept_prefix,
                              played_ids, replay)
+from server.snapshot import ROW_NAMES, Place, SnapshotError, StreamSnapshot
 from server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 
+HISTORY_TOKENS = 512  # the last tokens a stream keeps for its snapshots (re-read into another checkpoint)
 ANSWER_MARGIN = 0.02  # seconds: an answer starts this much after its lookahead from now (hand-over time)
 
 
@@ -145,6 +149,8 @@ class Stream:
     heard_until: float | None = None  # the session's mark of the latest played notes read
     checkpoint: Checkpoint | None = None  # live streams, once the prompt is read
     log: list[LoggedToken] = field(default_factory=list)  # tokens read after the checkpoint
+    history: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))  # tokens before it (snapshots)
+    restored: bool = False  # put back from a snapshot: keeps its clock and checkpoint once primed
     pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # DNA chunks to read
     ready_future: asyncio.Future | None = None
 
@@ -202,8 +208,10 @@ class Engine:
         self.saved_field = torch.zeros_like(self.field)
         self.saved_position = torch.zeros_like(self.position)
         self.saved_heard = torch.zeros_like(self.heard)
+        self.saved_logits = torch.zeros_like(self.logits)  # the output there (a snapshot goes on from it)
+        self.saved_hidden = torch.zeros_like(self.hidden)
         self.state_bytes = self.field[0].nbytes + self.position[0].nbytes + self.heard[0].nbytes
-        self.rollback_bytes = self.saved_field[0].nbytes + self.saved_position[0].nbytes + self.saved_heard[0].nbytes
+        self.rollback_bytes = sum(getattr(self, f"saved_{name}")[0].nbytes for name in ROW_NAMES)
         self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.hidden[0].nbytes
         self.metrics.state_bytes.set(self.state_bytes)
         self.metrics.slot_bytes.set(self.slot_bytes)
@@ -274,6 +282,29 @@ class Engine:
         from then on carry ``heard_until``."""
         return await self._call(self._feed, stream, notes, heard_until)
 
+    async def capture(self, stream: Stream) -> StreamSnapshot:
+        """Where a live stream stands at its latest sent note, for a snapshot (raises
+        :class:`SnapshotError` before its prompt has been read)."""
+        return await self._call(self._capture, stream)
+
+    async def restore(self, snapshot: StreamSnapshot, *, same_model: bool, sampling: SamplingConfig,
+                      timeline: Timeline, sink: Callable[[list[StreamNote]], None],
+                      on_error: Callable[[str], None], lookahead: float | None = None,
+                      banned_voices: tuple[int, ...] = ()) -> Stream:
+        """A live stream put back where ``snapshot`` stands, paused, and wait until it is ready.
+
+        ``same_model``: the snapshot comes from this checkpoint, so its field rows go back as they
+        were; otherwise its last tokens are read again from an empty field (portable tokens: any
+        vocabulary). The stream keeps the snapshot's clock, beats and step counter. Raises
+        :class:`EngineFull`, or :class:`SnapshotError` for a snapshot this model cannot take."""
+        stream = Stream(id=next(self._ids), realtime=True, sampling=sampling, timeline=timeline, sink=sink,
+                        on_error=on_error, lookahead=self.lookahead if lookahead is None else lookahead,
+                        banned_voices=banned_voices, paused=True, restored=True)
+        stream.ready_future = asyncio.get_running_loop().create_future()
+        await self._call(self._restore, stream, snapshot, same_model)
+        await stream.ready_future
+        return stream
+
     async def release(self, stream: Stream) -> None:
         """Stop a stream and free its row."""
         if self.running:
@@ -295,17 +326,89 @@ class Engine:
         stream.decoder = decoder
         stream.offset = self.timebase.beats_from_grid(decoder.cursor)
         stream.frontier = 0.0
+        stream.history = _history_rows(sequence.ids, sequence.velocity, sequence.voice)
         self.field[stream.slot] = 0
         self.position[stream.slot] = 0
         self.heard[stream.slot] = torch.from_numpy(self.generator.heard(sequence.ids)).to(self.device)
         stream.pending = [(floats, slots)]
         self.streams[stream.id] = stream
 
+    def _capture(self, stream: Stream) -> StreamSnapshot:
+        if stream.closed or stream.failed:
+            raise SnapshotError("the stream has ended")
+        if stream.checkpoint is None or stream.pending:
+            raise SnapshotError("nothing to save yet: the prompt or played notes are still being read")
+        tok, row = self.tokenizer, stream.slot
+        copy = lambda rows: {name: getattr(self, f"{rows}{name}")[row].detach().to("cpu", copy=True)
+                             for name in ROW_NAMES}
+        checkpoint = stream.checkpoint
+        live = Place(copy(""), stream.decoder.state(), stream.steps, stream.frontier)
+        saved = Place(copy("saved_"), checkpoint.decoder.state(), checkpoint.steps, checkpoint.frontier)
+        log = np.asarray(stream.log, dtype=np.int64).reshape(-1, 4)
+        record = np.concatenate([stream.history, log[:, :3]])
+        portable = to_portable(tok, record[:, 0], record[:, 1], record[:, 2])
+        history = from_first_bar(portable)
+        if len(history):  # where its first bar starts: the stream's cursor less the history's own
+            fresh = decoder_for(tok, from_portable(tok, history))
+            history_beat = self.timebase.beats_from_grid(stream.decoder.cursor - fresh.cursor) - stream.offset
+        elif len(stream.history) < HISTORY_TOKENS:  # the whole stream, before any bar line: from its start
+            history, history_beat = portable, -stream.offset
+        else:
+            history_beat = stream.frontier
+        return StreamSnapshot(live=live, saved=saved, offset=stream.offset, clock=stream.clock, log=log,
+                              sent_step=stream.sent_step, history=history, history_beat=history_beat,
+                              heard_until=stream.heard_until)
+
+    def _restore(self, stream: Stream, snap: StreamSnapshot, same_model: bool) -> None:
+        if not self._free:
+            raise EngineFull(f"the engine holds {self.capacity} streams, its limit")
+        tok = self.tokenizer
+        if same_model:
+            for place in (snap.live, snap.saved):
+                for name in ROW_NAMES:
+                    want, got = tuple(getattr(self, name)[0].shape), tuple(place.rows[name].shape)
+                    if want != got:
+                        raise SnapshotError(f"the snapshot's {name} has shape {got}, this model's {want}")
+            log = [LoggedToken(*map(int, entry)) for entry in snap.log.tolist()]
+            if any(not 0 <= t.token < tok.vocab_size for t in log):
+                raise SnapshotError("the snapshot's log holds tokens outside this model's vocabulary")
+            try:
+                decoder = StreamDecoder.from_state(tok, snap.live.decoder)
+                checkpoint = Checkpoint(StreamDecoder.from_state(tok, snap.saved.decoder), snap.saved.steps,
+                                        snap.saved.frontier)
+            except TokenizerError as exc:
+                raise SnapshotError(f"the snapshot's decoder does not fit this model: {exc}") from exc
+        else:
+            prompt = with_bos(from_portable(tok, snap.history))
+            floats, slots = tok.dna(prompt)
+        stream.slot = row = self._free.pop()
+        self.streams[stream.id] = stream
+        stream.offset, stream.clock, stream.heard_until = snap.offset, snap.clock, snap.heard_until
+        stream.steps = snap.live.steps
+        if same_model:  # exactly as it was: now, and at its checkpoint
+            for where, place in (("", snap.live), ("saved_", snap.saved)):
+                for name in ROW_NAMES:
+                    getattr(self, f"{where}{name}")[row] = place.rows[name].to(self.device, getattr(self, name).dtype)
+            stream.checkpoint, stream.log, stream.decoder = checkpoint, log, decoder
+            stream.frontier, stream.sent_step = snap.live.frontier, snap.sent_step
+            history = from_portable(tok, snap.history[: max(0, len(snap.history) - len(log))])
+            stream.history = _history_rows(history.ids, history.velocity, history.voice)
+        else:  # another model: read the last tokens again, on the snapshot's beats
+            for name in ROW_NAMES:
+                getattr(self, name)[row] = 0
+            self.heard[row] = snap.live.rows["heard"].to(self.device, self.heard.dtype)
+            stream.decoder = decoder_for(tok, prompt)
+            stream.offset = -snap.history_beat
+            stream.frontier = self._beat_of_cursor(stream)
+            stream.history = _history_rows(prompt.ids, prompt.velocity, prompt.voice)
+            stream.sent_step = stream.steps - 1  # what the old model generated stays (the session holds it)
+            stream.pending = [(floats, slots)]
+
     def _feed(self, stream: Stream, notes: list[StreamNote], heard_until: float | None) -> Fed:
         if stream.closed or stream.failed or stream.decoder is None:
             return Fed(0, 0, stream.epoch)
         kept, replayed = [], None
-        if stream.checkpoint is not None:  # a live stream: read the notes at its latest sent note
+        if stream.checkpoint is not None and self.rollback:  # a live stream: read the notes at its latest sent note
             kept = kept_prefix(stream.log, stream.sent_step)
             replayed = replay(stream.checkpoint, kept, self.tokenizer, stream.offset)
         decoder = replayed.decoder if replayed is not None else stream.decoder
@@ -320,6 +423,7 @@ class Engine:
         if replayed is not None:
             self._rewind(stream, kept, replayed)
             floats, slots = np.concatenate([replayed.floats, floats]), np.concatenate([replayed.slots, slots])
+        if stream.checkpoint is not None:
             stream.log += [LoggedToken(t, v, s, PLAYED) for t, v, s in
                            zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist())]
         stream.pending.append((floats, slots))
@@ -333,8 +437,8 @@ class Engine:
         """Put a live stream back at its checkpoint with only the ``kept`` log (the caller queues
         their DNA to be read again): the generated tokens after them are void (a new epoch)."""
         row = stream.slot
-        self.field[row] = self.saved_field[row]
-        self.position[row] = self.saved_position[row]
+        for name in ROW_NAMES[:2] + ROW_NAMES[3:]:
+            getattr(self, name)[row] = getattr(self, f"saved_{name}")[row]
         self.heard[row] = self.saved_heard[row] + torch.from_numpy(
             self.generator.heard(played_ids(kept))).to(self.device)
         stream.decoder = replayed.decoder
@@ -348,9 +452,8 @@ class Engine:
     def _take_checkpoint(self, stream: Stream) -> None:
         """A live stream's first checkpoint: where its prompt ends."""
         row = stream.slot
-        self.saved_field[row] = self.field[row]
-        self.saved_position[row] = self.position[row]
-        self.saved_heard[row] = self.heard[row]
+        for name in ROW_NAMES:
+            getattr(self, f"saved_{name}")[row] = getattr(self, name)[row]
         stream.checkpoint = Checkpoint(stream.decoder.copy(), stream.steps, stream.frontier)
         stream.log = []
 
@@ -367,11 +470,14 @@ class Engine:
         replayed = replay(stream.checkpoint, kept, self.tokenizer, stream.offset)
         rows = torch.tensor([stream.slot], device=self.device)
         saved = FieldState(self.saved_field[rows], self.saved_position[rows])
-        state, _ = self.generator.read(saved, replayed.floats[None], replayed.slots[None])
+        state, out = self.generator.read(saved, replayed.floats[None], replayed.slots[None])
         self.saved_field[rows] = state.field.to(self.saved_field.dtype)
         self.saved_position[rows] = state.position
+        self.saved_logits[rows] = out.logits.to(self.saved_logits.dtype)
+        self.saved_hidden[rows] = out.hidden.to(self.saved_hidden.dtype)
         self.saved_heard[stream.slot] += torch.from_numpy(self.generator.heard(played_ids(kept))).to(self.device)
         stream.checkpoint = Checkpoint(replayed.decoder, replayed.steps, replayed.frontier)
+        stream.history = _history_rows(*np.asarray(kept, dtype=np.int64)[:, :3].T, before=stream.history)
         stream.log = stream.log[len(kept):]
 
     def _played_dna(self, sequence: TokenSequence, bar_length: float) -> tuple[np.ndarray, np.ndarray]:
@@ -474,8 +580,9 @@ class Engine:
             if stream.primed or stream.pending or stream.failed:
                 continue
             stream.primed = True  # its prompt is read: the clock starts
-            stream.clock = time.time() + self.lookahead
-            if stream.realtime and self.rollback:
+            if not stream.restored:
+                stream.clock = time.time() + self.lookahead
+            if stream.realtime and stream.checkpoint is None:
                 self._take_checkpoint(stream)
             if stream.ready_future is not None:
                 self._post(_settle, stream.ready_future, None, False)
@@ -596,6 +703,15 @@ class Engine:
         for stream in finished:
             if stream.on_done is not None:
                 stream.on_done()
+
+
+def _history_rows(ids: np.ndarray, velocity: np.ndarray, voice: np.ndarray,
+                  before: np.ndarray | None = None) -> np.ndarray:
+    """The last :data:`HISTORY_TOKENS` of ``before`` then the given tokens, as ``(N, 3)`` rows."""
+    rows = np.stack([np.asarray(ids), np.asarray(velocity), np.asarray(voice)], axis=1).astype(np.int64)
+    if before is not None:
+        rows = np.concatenate([before, rows])
+    return rows[-HISTORY_TOKENS:]
 
 
 def _settle(future: asyncio.Future, value, is_error: bool | None = None) -> None:

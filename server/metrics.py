@@ -44,12 +44,22 @@ class Metrics:
                                 "bytes the engine keeps per stream (state plus the next token's scores); fixed",
                                 registry=r)
         self.rollback_bytes = Gauge("fm_session_rollback_bytes",
-                                    "bytes of the rollback checkpoint per live stream (field, position and heard "
-                                    "counts at the latest sent note); fixed, besides a host-side log of at most "
+                                    "bytes of the rollback checkpoint per live stream (field, position, heard "
+                                    "counts and the model's output there: what a snapshot holds); fixed, besides a host-side log of at most "
                                     "512 tokens", registry=r)
         self.rollbacks = Counter("fm_rollbacks", "times a live stream went back to its latest sent note to "
                                  "answer played notes", registry=r)
         self.notes_dropped = Counter("fm_notes_dropped", "generated notes dropped unsent by a rollback", registry=r)
+        self.restored = Counter("fm_sessions_restored", "sessions brought back from a snapshot, by source: store "
+                                "(resumed on this replica from the shared --store), fork", ["source"], registry=r)
+        self.reread = Counter("fm_sessions_reread", "sessions restored from another checkpoint's snapshot (re-read "
+                              "from their last tokens)", registry=r)
+        self.snapshots_saved = Counter("fm_snapshots_saved", "session snapshots written to the store", registry=r)
+        self.snapshot_bytes = Counter("fm_snapshot_bytes", "bytes of session snapshots written to the store",
+                                      registry=r)
+        self.save_seconds = Histogram("fm_snapshot_save_seconds", "time to capture, encode and write one batch of "
+                                      "session snapshots", buckets=STEP_BUCKETS, registry=r)
+        self.store_errors = Counter("fm_store_errors", "failed writes to the session store", registry=r)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 

@@ -47,6 +47,10 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # POST /generate without JSON or multipart (415)
     NOT_FOUND = "not_found"                  # no such endpoint (404)
     INTERNAL_ERROR = "internal_error"        # a server bug (500); the log has the traceback
+    UNKNOWN_SNAPSHOT = "unknown_snapshot"    # start from a bookmark id that is unknown or expired
+    BAD_SNAPSHOT = "bad_snapshot"            # a stored snapshot that is damaged, foreign or of an unknown format
+    BOOKMARK_LIMIT = "bookmark_limit"        # more bookmarks than --max-bookmarks-per-session
+    STORE_FAILED = "store_failed"            # the session store (--store) could not be reached
 
 
 class RequestError(ValueError):
@@ -169,7 +173,22 @@ class PromptFields(Strict):
 # ----------------------------------------------------------------------------- client -> server
 class StartMessage(Settings, VoiceFields, AccompanyFields, PromptFields):
     type: Literal["start"]
-    resume_token: str | None = Field(default=None, description="continue a dropped session")
+    resume_token: str | None = Field(default=None, description="continue a dropped session (on any replica that "
+                                     "shares the server's --store)")
+    last_beat: float | None = Field(default=None, ge=-1e6, le=1e7, description="with resume_token: the beat of the "
+                                    "latest note this client received; no note at or before it is sent again")
+    snapshot: str | None = Field(default=None, max_length=64, description="start a new session from a bookmark "
+                                 "(the id a snapshot message answered); the other fields change its settings")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.snapshot is not None and (self.prompt_midi is not None or self.prompt_notes is not None):
+            raise ValueError("a session starts from a snapshot or from a prompt, not both")
+        if self.snapshot is not None and self.resume_token is not None:
+            raise ValueError("give resume_token or snapshot, not both")
+        if self.last_beat is not None and self.resume_token is None:
+            raise ValueError("last_beat goes with resume_token")
+        return self
     lookahead: float | None = Field(default=None, ge=MIN_LOOKAHEAD, le=MAX_LOOKAHEAD,
                                     description=f"this session's lookahead, {MIN_LOOKAHEAD:g}-{MAX_LOOKAHEAD:g} "
                                                 "seconds: notes are sent at most this long before their start, and "
@@ -199,11 +218,32 @@ class StopMessage(Strict):
     type: Literal["stop"]
 
 
+class SnapshotMessage(Strict):
+    """Keep this moment: answered by ``snapshot`` with an id a later ``start`` can continue from."""
+
+    type: Literal["snapshot"]
+
+
+class ForkMessage(Strict):
+    """Start a second session from this moment (answered by ``forked``; connect to it with its
+    resume token). ``seed``: the fork's own (default: this session's, so it plays the same notes)."""
+
+    type: Literal["fork"]
+    seed: int | None = _sampling_field("seed")
+
+    @model_validator(mode="after")
+    def _seed_range(self):
+        if self.seed is not None:
+            SETTING_RANGES["seed"].check("seed", self.seed)
+        return self
+
+
 ClientMessage = Annotated[
-    Union[StartMessage, NotesMessage, SetMessage, PauseMessage, ResumeMessage, StopMessage],
+    Union[StartMessage, NotesMessage, SetMessage, PauseMessage, ResumeMessage, StopMessage, SnapshotMessage,
+          ForkMessage],
     Field(discriminator="type")]
 client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ("start", "notes", "set", "pause", "resume", "stop")
+CLIENT_TYPES = ("start", "notes", "set", "pause", "resume", "stop", "snapshot", "fork")
 
 
 # ----------------------------------------------------------------------------- server -> client
@@ -214,6 +254,31 @@ class SessionReply(BaseModel):
     clock: float = Field(description="unix time (seconds) of session time 0")
     resumed: bool = False
     lookahead: float = Field(description="notes are sent at most this many seconds before their start")
+    snapshot: str | None = Field(default=None, description="the bookmark this session started from")
+    reread: bool = Field(default=False, description="the session came from a snapshot of another checkpoint (a "
+                         "rolling restart onto a new model): its last tokens were read again by this one, so "
+                         "the music goes on in the same place but may change character")
+
+
+class SnapshotReply(BaseModel):
+    """The answer to ``snapshot``: start a session from ``id`` with ``{"type":"start","snapshot":id}``."""
+
+    type: Literal["snapshot"] = "snapshot"
+    id: str
+    beat: float = Field(description="the beat of the latest note sent: a session started from it goes on after it")
+    bytes: int = Field(description="size of the snapshot")
+    expires_in: float = Field(description="seconds it is kept (--bookmark-seconds)")
+
+
+class ForkedReply(BaseModel):
+    """The answer to ``fork``: a second session waits for ``{"type":"start","resume_token":...}``."""
+
+    type: Literal["forked"] = "forked"
+    id: str
+    resume_token: str
+    seed: int
+    beat: float = Field(description="the beat it goes on after (the latest note this session sent)")
+    expires_in: float = Field(description="seconds it waits for its first connection (--resume-seconds)")
 
 
 class StateReply(BaseModel):
@@ -291,12 +356,17 @@ class HealthReply(BaseModel):
     vocab_size: int
     state_bytes_per_session: int
     rollback_bytes_per_session: int = Field(description="bytes of the checkpoint a live session goes back to when "
-                                            "a person plays (field, position, heard counts), besides a host-side "
-                                            "log of at most 512 tokens")
+                                            "a person plays, which its snapshots hold (field, position, heard "
+                                            "counts, the model's output there), besides a host-side log of at most "
+                                            "512 tokens and its last 512 tokens")
     sessions: int
     max_sessions: int
     lookahead: float
     uptime_seconds: float
+    checkpoint_digest: str = Field(default="", description="names the checkpoint in session snapshots (a snapshot "
+                                   "from another one is re-read from its last tokens)")
+    store: str = Field(default="memory", description="where sessions are kept: memory (this process) or the "
+                       "--store URL (password hidden)")
 
 
 class StoppedReply(BaseModel):

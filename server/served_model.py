@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint.format import load_model
+from model.checkpoint.format import checkpoint_digest, load_model
 from model.runtime.device import resolve_device, resolve_precision
 from server.config import ServerConfig
 
@@ -25,5 +25,6 @@ class ServedModel:
         self.dtype = resolve_precision(config.dtype, self.device)
         self.path = Path(config.checkpoint)
         model, self.tokenizer, self.checkpoint = load_model(self.path, device=self.device)
+        self.digest = checkpoint_digest(self.checkpoint.path)  # named by the snapshots of its sessions
         self.model = model.to(self.dtype) if self.dtype != torch.float32 else model
         self.parameters = sum(p.numel() for p in self.model.parameters())

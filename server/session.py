@@ -24,6 +24,8 @@ from server.config import ServerConfig
 from server.engine import Engine, EngineClosed, Stream, StreamNote
 from server.metrics import Metrics
 from server.prompts import PromptReader
+from server.saved_sessions import SavedSessions
+from server.store import SessionStore
 from server.protocol import ErrorCode, OutNote, StateReply
 
 if TYPE_CHECKING:
@@ -55,12 +57,26 @@ class Session:
         self.wake = asyncio.Event()
         self.expiry: asyncio.TimerHandle | None = None
         self.ended = False
+        self.last_beat: float | None = None  # beat of the latest note sent
+        self.skip_through: float | None = None  # notes at or before this beat were received already
+        self.saved_sent = -1  # notes sent when it was last saved to the store
+        self.saved_at = 0.0  # time.monotonic() of that save
+        self.reread = False  # restored from another checkpoint's snapshot
+        self.bookmarks = 0  # snapshots and forks made
+
+    def queue(self, notes: list[StreamNote]) -> None:
+        """Queue generated notes for sending (a snapshot's unsent ones: they belong to this epoch)."""
+        for note in notes:
+            heapq.heappush(self.pending, (note.beat, next(self._order), note))
 
     # --- called by the engine (on the event loop)
     def on_generated(self, notes: list[StreamNote]) -> None:
         for note in notes:
             if note.epoch < self.epoch:
                 continue  # generated before a rollback: void
+            if self.skip_through is not None and note.beat <= self.skip_through:
+                self.stream.sent_step = max(self.stream.sent_step, note.step)  # the client has it already
+                continue
             heapq.heappush(self.pending, (note.beat, next(self._order), note))
         self.wake.set()
 
@@ -83,7 +99,17 @@ class Session:
         return time.time() - self.stream.clock
 
     def first_unsent_beat(self) -> float:
-        return self.pending[0][0] if self.pending else self.stream.frontier
+        beat = self.pending[0][0] if self.pending else self.stream.frontier
+        return beat if self.skip_through is None else max(beat, self.skip_through)
+
+    def received_through(self, beat: float) -> None:
+        """The client has every note up to ``beat`` (a resume's ``last_beat``): none of them is sent
+        again, whether queued here or generated again from an older snapshot."""
+        self.skip_through = beat if self.skip_through is None else max(self.skip_through, beat)
+        kept = [item for item in self.pending if item[0] > beat]
+        if len(kept) != len(self.pending):
+            self.pending = kept
+            heapq.heapify(self.pending)
 
     def retime(self, *, at_time: float | None = None, bpm: float | None = None) -> None:
         """Re-anchor the timeline at the first unsent beat (notes already sent keep their times)."""
@@ -142,6 +168,7 @@ class Session:
                 return out, leave_at - now
             heapq.heappop(self.pending)
             self._in_flight.append(note)
+            self.last_beat = beat if self.last_beat is None else max(self.last_beat, beat)
             stream.sent_step = max(stream.sent_step, note.step)  # handed over: a rollback keeps it
             out.append(OutNote(pitch=note.pitch, velocity=note.velocity, voice=note.voice, start=round(start, 6),
                                duration=round(timeline.duration_seconds(note.duration), 6), beat=round(note.beat, 6),
@@ -159,13 +186,15 @@ class Session:
 class SessionRegistry:
     """Every session of the server, connected or waiting for its resume token."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, prompts: PromptReader, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, prompts: PromptReader, metrics: Metrics,
+                 digest: str = "", store: SessionStore | None = None) -> None:
         self.config = config
         self.engine = engine
         self.prompts = prompts
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.by_token: dict[str, Session] = {}
+        self.saved = SavedSessions(self, digest, store)  # snapshots: the store, bookmarks, forks
 
     @property
     def full(self) -> bool:
@@ -197,12 +226,17 @@ class SessionRegistry:
             session.stream.paused = True
         loop = asyncio.get_running_loop()
         session.expiry = loop.call_later(self.config.resume_seconds, self.end, session)
+        self.saved.saved_in_background(session)
         self._count()
 
-    def end(self, session: Session) -> None:
+    def end(self, session: Session, stopped: bool = False) -> None:
+        """The session is over (``stopped``: by its client, so its store entry goes too; an expired
+        one stays there until its own expiry, for a replica that may hold it now)."""
         if session.ended:
             return
         session.ended = True
+        if stopped:
+            self.saved.forget(session)
         if session.expiry is not None:
             session.expiry.cancel()
         self.sessions.pop(session.id, None)

@@ -22,6 +22,7 @@ so :func:`link_or_copy` hard-links them; any other file is copied.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import numbers
 import os
@@ -249,6 +250,19 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu"
     model = FieldMachine(config).to(device)
     loaded.load_into(model)
     return model.eval(), loaded.tokenizer, loaded
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """A digest of what a checkpoint computes (its settings, weights and tokenizer), to tell two
+    checkpoints apart: snapshots of a session name the checkpoint that wrote them."""
+    folder = _resolve(Path(directory))
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE):
+        with open(folder / name, "rb") as file:
+            digest.update(name.encode() + b"\0")
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
 
 
 def _resolve(directory: Path) -> Path:

@@ -57,6 +57,29 @@ class StreamDecoder:
         """Go back to the place of ``saved`` (a :meth:`copy`)."""
         self.__dict__.update(saved.copy().__dict__)
 
+    def state(self) -> dict:
+        """Where this decoder stands, as JSON-ready values (:meth:`from_state` reads them back)."""
+        return {"bar": self.bar, "bar_start": self.bar_start, "bar_length": self.bar_length,
+                "signature": list(self.signature), "signatures": [list(s) for s in self.signatures],
+                "cursor": self.cursor, "notes_at_cursor": self.notes_at_cursor}
+
+    @classmethod
+    def from_state(cls, tokenizer: Tokenizer, state: dict) -> "StreamDecoder":
+        """A decoder standing where :meth:`state` said (raises ``TokenizerError`` on a malformed one)."""
+        decoder = cls(tokenizer)
+        try:
+            decoder.bar, decoder.bar_start, decoder.bar_length = (int(state[k]) for k in ("bar", "bar_start",
+                                                                                              "bar_length"))
+            num, den = (int(v) for v in state["signature"])
+            decoder.signature = (num, den)
+            decoder.signatures = [(int(a), int(b), int(c)) for a, b, c in state["signatures"]]
+            decoder.cursor, decoder.notes_at_cursor = int(state["cursor"]), int(state["notes_at_cursor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TokenizerError(f"a malformed stream decoder state: {exc}") from exc
+        if decoder.bar_length < 1:
+            raise TokenizerError("a malformed stream decoder state: bar_length must be at least 1")
+        return decoder
+
     @property
     def bar_end(self) -> int:
         """Grid step where the current bar ends."""

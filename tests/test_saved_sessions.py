@@ -1,0 +1,135 @@
+"""Bookmarks and forks over a real WebSocket (the server keeps them in memory without --store), and
+the bad requests around them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.store import BOOKMARK_PREFIX
+from tests.server_harness import collect_notes, receive_until, start_session
+
+FAST = 400  # bpm
+COMPARED = 16  # notes compared after a snapshot or fork point
+
+
+def music(notes: list[dict]) -> list[tuple]:
+    """What a listener hears of notes, apart from when the session was started."""
+    return [(round(n["beat"], 4), n["pitch"], n["voice"], n["velocity"], round(n["duration"], 4)) for n in notes]
+
+
+def notes_after(ws, beat: float, count: int, timeout: float = 60.0) -> list[dict]:
+    """The next notes after ``beat`` (earlier ones are skipped), ``count`` of them."""
+    found: list[dict] = []
+    while len(found) < count:
+        message = receive_until(ws, "notes", timeout)
+        found += [n for n in message["notes"] if n["beat"] > beat]
+    return found[:count]
+
+
+def test_a_bookmark_starts_a_new_session_that_plays_on_from_it(live_server):
+    with live_server.connect() as ws:
+        start_session(ws, seed=71, bpm=FAST)
+        collect_notes(ws, 10)
+        ws.send(json.dumps({"type": "snapshot"}))
+        mark = receive_until(ws, "snapshot")
+        assert mark["id"] and mark["bytes"] > 0 and mark["expires_in"] > 600 and mark["beat"] > 0
+        parent = notes_after(ws, mark["beat"], COMPARED)
+        ws.send(json.dumps({"type": "stop"}))
+    with live_server.connect() as ws:  # the parent has ended: the bookmark still holds its moment
+        session, state = start_session(ws, snapshot=mark["id"])
+        assert session["snapshot"] == mark["id"] and not session["resumed"] and not session["reread"]
+        assert state["seed"] == 71 and state["bpm"] == FAST
+        again = collect_notes(ws, COMPARED)
+    assert min(n["beat"] for n in again) > mark["beat"]  # nothing at or before the bookmark
+    assert music(again) == music(parent)
+
+
+def test_a_bookmark_can_start_with_other_settings(live_server):
+    with live_server.connect() as ws:
+        start_session(ws, seed=72, bpm=FAST)
+        collect_notes(ws, 6)
+        ws.send(json.dumps({"type": "snapshot"}))
+        mark = receive_until(ws, "snapshot")
+    with live_server.connect() as ws:
+        _, state = start_session(ws, snapshot=mark["id"], seed=5, temperature=1.2, bpm=200)
+        assert (state["seed"], state["temperature"], state["bpm"]) == (5, 1.2, 200)
+        assert collect_notes(ws, 4)
+
+
+def test_a_fork_with_the_same_seed_plays_what_its_parent_plays_and_another_seed_differs(live_server):
+    with live_server.connect() as ws:
+        start_session(ws, seed=73, bpm=FAST)
+        collect_notes(ws, 10)
+        ws.send(json.dumps({"type": "fork"}))
+        same = receive_until(ws, "forked")
+        ws.send(json.dumps({"type": "fork", "seed": 999}))
+        other = receive_until(ws, "forked")
+        assert same["seed"] == 73 and other["seed"] == 999 and same["resume_token"] != other["resume_token"]
+        parent = notes_after(ws, max(same["beat"], other["beat"]), COMPARED)
+    assert same["beat"] <= other["beat"]
+    heard = {}
+    for fork in (same, other):
+        with live_server.connect() as ws:
+            ws.send(json.dumps({"type": "start", "resume_token": fork["resume_token"]}))
+            session = receive_until(ws, "session", 60)
+            assert session["resumed"] and session["id"] == fork["id"]
+            heard[fork["seed"]] = notes_after(ws, max(same["beat"], other["beat"]), COMPARED)
+    assert music(heard[73]) == music(parent)
+    assert music(heard[999]) != music(parent)
+
+
+@pytest.mark.parametrize("start, code", [
+    ({"snapshot": "no-such-bookmark"}, "unknown_snapshot"),
+    ({"snapshot": "x" * 65}, "invalid_message"),
+    ({"snapshot": "abc", "prompt_notes": [{"pitch": 60, "start": 0}]}, "invalid_message"),
+    ({"snapshot": "abc", "resume_token": "t"}, "invalid_message"),
+    ({"last_beat": 4.0}, "invalid_message"),
+], ids=["unknown", "too-long", "with-a-prompt", "with-a-token", "last-beat-alone"])
+def test_bad_snapshot_starts_get_an_error_frame(live_server, start, code):
+    with live_server.connect() as ws:
+        ws.send(json.dumps({"type": "start", **start}))
+        error = receive_until(ws, "error")
+        assert error["code"] == code and error["message"]
+        start_session(ws, seed=1)  # the connection carries on: a good start still works
+
+
+def test_a_damaged_bookmark_gets_a_clear_error(live_server):
+    """Bytes under a bookmark's key that are not a snapshot (a damaged store) are refused by name."""
+    import asyncio
+
+    with live_server.connect() as ws:
+        start_session(ws, seed=74, bpm=FAST)
+        collect_notes(ws, 4)
+        ws.send(json.dumps({"type": "snapshot"}))
+        mark = receive_until(ws, "snapshot")
+    store = live_server.server.config.app.state.registry.saved.bookmarks
+    data = asyncio.run(store.get(BOOKMARK_PREFIX + mark["id"]))
+    asyncio.run(store.put(BOOKMARK_PREFIX + mark["id"], data[: len(data) // 3], 60))
+    with live_server.connect() as ws:
+        ws.send(json.dumps({"type": "start", "snapshot": mark["id"]}))
+        error = receive_until(ws, "error")
+        assert error["code"] == "bad_snapshot" and "cannot be read" in error["message"]
+
+
+def test_snapshot_and_fork_need_a_session_and_respect_the_limit(served_checkpoint):
+    from server.config import ServerConfig
+    from tests.server_harness import running_server
+
+    with running_server(ServerConfig(checkpoint=str(served_checkpoint), max_bookmarks_per_session=2)) as server:
+        with server.connect() as ws:
+            ws.send(json.dumps({"type": "snapshot"}))
+            assert receive_until(ws, "error")["code"] == "not_started"
+            ws.send(json.dumps({"type": "fork", "seed": -1}))
+            assert receive_until(ws, "error")["code"] == "invalid_message"
+            start_session(ws, seed=3, bpm=FAST)
+            collect_notes(ws, 3)
+            ws.send(json.dumps({"type": "snapshot"}))
+            receive_until(ws, "snapshot")
+            ws.send(json.dumps({"type": "fork"}))
+            receive_until(ws, "forked")
+            ws.send(json.dumps({"type": "snapshot"}))
+            error = receive_until(ws, "error")
+            assert error["code"] == "bookmark_limit" and "2" in error["message"]
+            assert collect_notes(ws, 3)  # and the session plays on
