@@ -59,7 +59,7 @@ def tail(path: Path, chars: int = 4000) -> str:
     return text[-chars:]
 
 
-def wait_until(ready: Callable[[], bool], process: subprocess.Popen, timeout: float, what: str,
+def wait_for_process(ready: Callable[[], bool], process: subprocess.Popen, timeout: float, what: str,
                log: Path) -> None:
     """Polls ``ready`` until it is true; fails if ``process`` exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
@@ -161,7 +161,7 @@ def redis_server(timeout: float = 30.0, log_dir: Path | None = None) -> Iterator
                                         "--appendonly", "no", "--dir", str(folder)],
                                        stdout=out, stderr=subprocess.STDOUT, cwd=folder)
         try:
-            wait_until(lambda: redis_answers(port), process, timeout, f"redis-server on port {port}", log)
+            wait_for_process(lambda: redis_answers(port), process, timeout, f"redis-server on port {port}", log)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             stop(process)
@@ -203,7 +203,7 @@ class ServerProcess:
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
         """Polls ``GET /health`` until it answers 200; fails with the server's output if it exits first."""
-        wait_until(lambda: answers_health(self.port), self.process, timeout, f"python -m server on port {self.port}",
+        wait_for_process(lambda: answers_health(self.port), self.process, timeout, f"python -m server on port {self.port}",
                    self.log_path)
 
     def kill(self) -> int:
@@ -323,7 +323,7 @@ def haproxy(backends: list[str], timeout: float = 30.0, cfg: Path = HAPROXY_CFG,
             process = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
                                        cwd=folder, env=variables)
         try:
-            wait_until(lambda: listening(port) and listening(stats_port), process, timeout,
+            wait_for_process(lambda: listening(port) and listening(stats_port), process, timeout,
                        f"haproxy on port {port}", log)
             yield Proxy(process, port, stats_port, list(backends), log)
         finally:
