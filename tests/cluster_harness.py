@@ -203,8 +203,8 @@ class ServerProcess:
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
         """Polls ``GET /health`` until it answers 200; fails with the server's output if it exits first."""
-        wait_for_process(lambda: answers_health(self.port), self.process, timeout, f"python -m server on port {self.port}",
-                   self.log_path)
+        wait_for_process(lambda: answers_health(self.port), self.process, timeout,
+                         f"python -m server on port {self.port}", self.log_path)
 
     def kill(self) -> int:
         """SIGKILL: the server vanishes without saving anything. Returns the exit code."""
@@ -324,7 +324,7 @@ def haproxy(backends: list[str], timeout: float = 30.0, cfg: Path = HAPROXY_CFG,
                                        cwd=folder, env=variables)
         try:
             wait_for_process(lambda: listening(port) and listening(stats_port), process, timeout,
-                       f"haproxy on port {port}", log)
+                             f"haproxy on port {port}", log)
             yield Proxy(process, port, stats_port, list(backends), log)
         finally:
             stop(process)
