@@ -60,7 +60,7 @@ def tail(path: Path, chars: int = 4000) -> str:
 
 
 def wait_for_process(ready: Callable[[], bool], process: subprocess.Popen, timeout: float, what: str,
-               log: Path) -> None:
+                     log: Path) -> None:
     """Polls ``ready`` until it is true; fails if ``process`` exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while not ready():
