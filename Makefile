@@ -13,9 +13,10 @@ EXTRAS ?= test
 TORCH_STAMP := $(VENV)/.torch
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive for real: a JACK server with its dummy backend (MIDI ports), headless
-# Chromium (browser page), fluidsynth and a small General MIDI soundfont (audio renders), and
-# docker-compose v1 (validates the compose files without a Docker engine).
-APT_TEST_PACKAGES ?= jackd2 chromium fluidsynth timgm6mb-soundfont docker-compose
+# Chromium (browser page), fluidsynth and a small General MIDI soundfont (audio renders), docker-compose
+# v1 (validates the compose files without a Docker engine), and Redis and HAProxy (the scale-out
+# deployment, run as processes by tests/cluster_harness.py).
+APT_TEST_PACKAGES ?= jackd2 chromium fluidsynth timgm6mb-soundfont docker-compose redis-server haproxy
 HOST ?= 127.0.0.1
 PORT ?= 8000
 

@@ -31,6 +31,11 @@ COMPOSE_FILES = sorted(p.name for p in REPO.glob("docker-compose*.yml"))
 GPU_FILE = "docker-compose.yml"
 CPU_FILE = "docker-compose.cpu.yml"
 CONTAINER_PORT = "8000"
+# The scale-out deployment: HAProxy, replicas and Redis (CPU), and the file that adds a GPU per replica.
+CLUSTER_FILE = "deploy/docker-compose.yml"
+CLUSTER_GPU = (CLUSTER_FILE, "deploy/docker-compose.gpu.yml")
+HAPROXY_CFG = REPO / "deploy" / "haproxy.cfg"
+HAPROXY_CFG_IN_IMAGE = "/usr/local/etc/haproxy/haproxy.cfg"  # where the official image reads it
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -109,14 +114,16 @@ def compose_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def compose(docker_compose: list[str], name: str, *args: str, profile: str | None = None,
+def compose(docker_compose: list[str], name: str | tuple[str, ...], *args: str, profile: str | None = None,
             **env: str) -> subprocess.CompletedProcess:
+    """``docker-compose -f NAME ... ARGS``; a tuple of names is several ``-f``, merged in order."""
+    files = [option for one in ((name,) if isinstance(name, str) else name) for option in ("-f", one)]
     profiles = ["--profile", profile] if profile else []
-    return subprocess.run([*docker_compose, "-f", name, *profiles, *args], cwd=REPO, env=compose_env(**env),
+    return subprocess.run([*docker_compose, *files, *profiles, *args], cwd=REPO, env=compose_env(**env),
                           capture_output=True, text=True, timeout=120)
 
 
-def resolved(docker_compose: list[str], name: str, **env: str) -> dict:
+def resolved(docker_compose: list[str], name: str | tuple[str, ...], **env: str) -> dict:
     """The compose file as Compose reads it: variables substituted, every field in its long form."""
     result = compose(docker_compose, name, "config", profile="train", **env)
     assert result.returncode == 0, result.stderr
@@ -289,6 +296,137 @@ def test_train_service_trains_on_a_mounted_midi_folder(docker_compose, name):
     assert train["healthcheck"] == {"test": ["NONE"]}
 
 
+# ----------------------------------------------------------------------------- scale-out deployment
+
+def replica_services(services: dict) -> dict[str, dict]:
+    """The services that run the server image."""
+    return {name: s for name, s in services.items() if s.get("image", "").startswith("fm-server:")}
+
+
+def published(service: dict) -> dict[str, tuple[str, str]]:
+    """Container port -> (host address, host port) of the service's published ports."""
+    result = {}
+    for port in service.get("ports", []):
+        host, host_port, container = str(port).removesuffix("/tcp").rsplit(":", 2)
+        result[container] = (host, host_port)
+    return result
+
+
+def haproxy_env(service: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in service["environment"].items()}
+
+
+@pytest.mark.parametrize("name", [CLUSTER_FILE, CLUSTER_GPU], ids=["cpu", "gpu"])
+def test_cluster_compose_config_is_valid(docker_compose, name):
+    result = compose(docker_compose, name, "config", "-q")
+    assert result.returncode == 0, f"docker-compose config -q failed:\n{result.stderr}"
+    assert "is not set" not in result.stderr, f"a variable without a default:\n{result.stderr}"
+
+
+def test_cluster_replicas_share_the_redis_store(docker_compose):
+    services = resolved(docker_compose, CLUSTER_FILE)
+    replicas = replica_services(services)
+    assert len(replicas) >= 2, sorted(services)
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:")
+    assert "--port" not in redis.get("command", [])  # 6379, as the store URL says
+    for name, replica in replicas.items():
+        assert replica["environment"]["FM_STORE"] == "redis://redis:6379/0", name
+        assert replica["depends_on"]["redis"] == {"condition": "service_healthy"}, name
+        assert not replica.get("ports"), f"{name} is published: clients would bypass the proxy"
+        assert mounts(replica)["/app/runs"] == (str(REPO / "runs"), "rw"), name  # ../runs from deploy/
+    elsewhere = resolved(docker_compose, CLUSTER_FILE, FM_STORE="redis://store.internal:6380/2")
+    assert {r["environment"]["FM_STORE"] for r in replica_services(elsewhere).values()} == \
+        {"redis://store.internal:6380/2"}
+
+
+def test_cluster_replicas_take_every_server_setting(docker_compose):
+    from server.config import ServerConfig
+
+    fixed_by_image = {"FM_HOST", "FM_PORT"}
+    # The store's settings (the session store's flags) pass through whether or not this checkout has them.
+    settings = {"FM_" + f.name.upper() for f in fields(ServerConfig)} - fixed_by_image
+    settings |= {"FM_STORE", "FM_SNAPSHOT_SECONDS"}
+    for name, replica in replica_services(resolved(docker_compose, CLUSTER_FILE)).items():
+        fm = {k for k in replica["environment"] if k.startswith("FM_")}
+        assert fm == settings, name
+        assert replica["environment"]["FM_EXPOSED_HOST"] == "127.0.0.1"  # where haproxy is published
+        assert replica["stop_grace_period"] in ("30s", 30)  # time to save every session on SIGTERM
+    exposed = resolved(docker_compose, CLUSTER_FILE, FM_BIND="0.0.0.0", FM_API_KEY="k")
+    assert {r["environment"]["FM_EXPOSED_HOST"] for r in replica_services(exposed).values()} == {"0.0.0.0"}
+    assert published(exposed["haproxy"])[CONTAINER_PORT][0] == "0.0.0.0"
+
+
+def test_haproxy_names_every_replica_and_reads_the_shipped_config(docker_compose):
+    services = resolved(docker_compose, CLUSTER_FILE)
+    proxy = services["haproxy"]
+    assert proxy["image"].startswith("haproxy:")
+    assert proxy["volumes"] == [f"{HAPROXY_CFG}:{HAPROXY_CFG_IN_IMAGE}:ro"]
+    env = haproxy_env(proxy)
+    slots = {k: v for k, v in env.items() if k.startswith("FM_REPLICA_")}
+    assert sorted(slots.values()) == sorted(f"{name}:{CONTAINER_PORT}" for name in replica_services(services))
+    cfg = HAPROXY_CFG.read_text()
+    for slot in slots:
+        server = r'^\s*server \S+ "\$\{' + slot + r'\}"'
+        assert re.search(server, cfg, flags=re.M), f"haproxy.cfg has no server for {slot}"
+    assert env["FM_PROXY_BIND"] == f":{CONTAINER_PORT}"
+    assert published(proxy)[CONTAINER_PORT] == ("127.0.0.1", "8000")
+    stats_port = env["FM_STATS_BIND"].rsplit(":", 1)[1]
+    assert published(proxy)[stats_port][0] == "127.0.0.1"  # the stats page stays on the host
+    assert sorted(proxy["depends_on"]) == sorted(replica_services(services))
+
+
+def test_haproxy_accepts_the_compose_environment_and_serves_each_replica(docker_compose):
+    """The real haproxy on the shipped file with the compose file's replica names (which do not resolve
+    here: those servers wait in maintenance until they do)."""
+    from tests.cluster_harness import haproxy, program
+
+    env = haproxy_env(resolved(docker_compose, CLUSTER_FILE)["haproxy"])
+    check = subprocess.run([program("haproxy"), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True,
+                           timeout=60, env={**compose_env(), **env})
+    assert check.returncode == 0, check.stdout + check.stderr
+    replicas = [v for k, v in sorted(env.items()) if k.startswith("FM_REPLICA_")]
+    with haproxy(replicas) as running:
+        assert sorted(running.states()) == sorted(replicas)
+
+
+def test_haproxy_refuses_to_start_without_a_replica():
+    from tests.cluster_harness import program
+
+    check = subprocess.run([program("haproxy"), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True,
+                           timeout=60, env=compose_env())
+    assert check.returncode != 0
+    assert "FM_REPLICA_1" in check.stdout + check.stderr
+
+
+def test_cluster_cpu_replicas_share_the_cpu_files_image(docker_compose):
+    cpu = resolved(docker_compose, CPU_FILE)["server"]
+    for name, replica in replica_services(resolved(docker_compose, CLUSTER_FILE)).items():
+        assert "deploy" not in replica, name
+        assert replica["environment"]["FM_DEVICE"] == "cpu"
+        assert replica["image"] == cpu["image"]
+        assert replica["build"]["context"] == str(REPO)
+        assert replica["build"]["args"] == cpu["build"]["args"]
+
+
+def test_cluster_gpu_file_gives_each_replica_its_own_gpu(docker_compose):
+    args = dockerfile_args()
+    gpu = resolved(docker_compose, GPU_FILE)["server"]
+    replicas = replica_services(resolved(docker_compose, CLUSTER_GPU))
+    devices = []
+    for name, replica in replicas.items():
+        assert replica["environment"]["FM_DEVICE"] == "cuda", name
+        assert replica["image"] == gpu["image"], name
+        assert replica["build"]["args"]["BASE_IMAGE"] == args["BASE_IMAGE"]  # the Dockerfile's CUDA pair
+        assert replica["build"]["args"]["TORCH_INDEX"] == args["TORCH_INDEX"]
+        (device,) = gpu_devices(replica)
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        devices.append(device["device_ids"])
+    assert sorted(devices) == [[str(i)] for i in range(len(replicas))]
+    moved = replica_services(resolved(docker_compose, CLUSTER_GPU, FM_GPU_1="3", FM_GPU_2="5"))
+    assert sorted(gpu_devices(r)[0]["device_ids"] for r in moved.values()) == [["3"], ["5"]]
+
+
 # ----------------------------------------------------------------------------- Dockerfile
 
 def test_dockerfile_installs_through_the_readmes_make_install():
@@ -413,13 +551,15 @@ def test_readme_deploy_commands_name_real_files_and_services():
     assert len(lines) > 5, shell
     for line in lines:
         words = line[line.index("docker compose"):].split("#")[0].split()[2:]
-        name = GPU_FILE
+        names = []
         while words[0].startswith("-"):  # Compose's own options come before the command
             option, value, words = words[0], words[1], words[2:]
             if option == "-f":
-                name = value
-        assert (REPO / name).is_file(), line
-        services = yaml.safe_load((REPO / name).read_text())["services"]
+                names.append(value)
+        services = {}
+        for name in names or [GPU_FILE]:  # several -f files are merged
+            assert (REPO / name).is_file(), line
+            services.update(yaml.safe_load((REPO / name).read_text())["services"])
         command, *rest = words
         if command in ("run", "logs", "build"):
             named = [w for w in rest if not w.startswith("-")]
