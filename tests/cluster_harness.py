@@ -224,8 +224,10 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(args: list[str] | None = None, env: dict[str, str] | None = None, *, wait: bool = True,
-                   timeout: float = 120.0, log_dir: Path | None = None) -> Iterator[ServerProcess]:
-    """``python -m server ARGS --host 127.0.0.1 --port P`` on a free port (the harness's host and port win).
+                   timeout: float = 120.0, log_dir: Path | None = None, port: int | None = None
+                   ) -> Iterator[ServerProcess]:
+    """``python -m server ARGS --host 127.0.0.1 --port P`` on ``port`` (default a free one; the harness's host
+    and port win).
 
     The caller's FM_* variables are left out of its environment; ``env`` is added. With ``wait`` (the
     default) it returns once ``GET /health`` answers 200; without, the caller calls
@@ -234,7 +236,7 @@ def server_process(args: list[str] | None = None, env: dict[str, str] | None = N
     running gets SIGTERM (SIGKILL after 15 s).
     """
     with log_folder(log_dir, "fm-server-") as folder:
-        port = free_port()
+        port = port or free_port()
         log = folder / "server.log"
         command = [sys.executable, "-m", "server", *(args or []), "--host", "127.0.0.1", "--port", str(port)]
         with log.open("wb") as out:
