@@ -10,6 +10,7 @@ through the proxy, each started by the test (tests/cluster_harness.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -99,7 +100,7 @@ def test_a_rolling_restart_onto_another_checkpoint_ends_no_session(served_checkp
     """Old replicas serve the tiny test checkpoint, new ones the shipped one (another vocabulary too)."""
     sessions = 4
     later = [free_port(), free_port()]
-    with redis_server() as store, \
+    with redis_server() as store, contextlib.ExitStack() as started, \
             server_process(replica_args(served_checkpoint, store), wait=False) as old_a, \
             server_process(replica_args(served_checkpoint, store), wait=False) as old_b:
         old_a.wait_healthy(), old_b.wait_healthy()
@@ -111,8 +112,7 @@ def test_a_rolling_restart_onto_another_checkpoint_ends_no_session(served_checkp
             wait_for(lambda: streaming_everywhere([old_a, old_b], sessions), 120, "every session streaming")
             new = []
             for old, port in zip((old_a, old_b), later):
-                replica = server_process(replica_args(SHIPPED, store), port=port)
-                new.append(replica.__enter__())
+                new.append(started.enter_context(server_process(replica_args(SHIPPED, store), port=port)))
                 wait_for(lambda: f"127.0.0.1:{port}" in proxy.up(), CHECK_SECONDS,
                          lambda: f"the new replica UP: {proxy.states()}")
                 assert old.terminate() in (0, -15)  # SIGTERM: saves every session, then exits
@@ -122,8 +122,6 @@ def test_a_rolling_restart_onto_another_checkpoint_ends_no_session(served_checkp
                          lambda: f"every session connected again: {[metric(r, 'fm_sessions') for r in live]}")
             report = finished(loadgen)
             reread = sum(metric(r, "fm_sessions_reread_total") for r in new)
-            for replica in new:
-                replica.__exit__(None, None, None)
     assert_nothing_lost(report, sessions)
     assert report["resumes"] >= sessions  # every session moved at least once
     assert reread >= 1  # and the ones on the new checkpoint were re-read there
