@@ -180,9 +180,7 @@ class SavedSessions:
     async def restore(self, snap: SessionSnapshot, *, client: str, resume_token: str | None = None,
                       sampling=None) -> "Session":
         """A paused session from ``snap``: the same one (``resume_token``) or a new one."""
-        from server.session import Session
-
-        session = Session(self.registry, client)
+        session = self.registry.new_session(client)
         if resume_token is not None:
             session.id, session.resume_token = snap.session_id, resume_token
             session.paused, session.sent = snap.paused, snap.sent

@@ -196,6 +196,9 @@ class SessionRegistry:
         self.by_token: dict[str, Session] = {}
         self.saved = SavedSessions(self, digest, store)  # snapshots: the store, bookmarks, forks
 
+    def new_session(self, client: str = "") -> Session:
+        return Session(self, client)
+
     @property
     def full(self) -> bool:
         return len(self.sessions) >= self.config.max_sessions

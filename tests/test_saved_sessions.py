@@ -133,3 +133,71 @@ def test_snapshot_and_fork_need_a_session_and_respect_the_limit(served_checkpoin
             error = receive_until(ws, "error")
             assert error["code"] == "bookmark_limit" and "2" in error["message"]
             assert collect_notes(ws, 3)  # and the session plays on
+
+
+def test_a_session_resumes_on_another_server_sharing_the_store_and_stops_there(served_checkpoint):
+    """Two servers, one Redis: a session dropped on the first goes on on the second from the beat its
+    client names, and a stop there deletes it from the store."""
+    import redis
+
+    from server.config import ServerConfig
+    from tests.cluster_harness import redis_server
+    from tests.server_harness import receive, running_server
+
+    with redis_server() as url:
+        config = ServerConfig(checkpoint=str(served_checkpoint), store=url, snapshot_seconds=0.5)
+        with running_server(config) as first, running_server(config) as second:
+            with first.connect() as ws:
+                session, _ = start_session(ws, seed=75, bpm=FAST)
+                before = collect_notes(ws, 12)
+            last = max(n["beat"] for n in before)
+            keys = redis.Redis.from_url(url)
+            token_key = f"fm:session:{session['resume_token']}"
+            from tests.waiting import wait_for
+            wait_for(lambda: keys.exists(token_key), 30, "the dropped session saved to Redis")
+            with second.connect() as ws:
+                ws.send(json.dumps({"type": "start", "resume_token": session["resume_token"], "last_beat": last}))
+                again = receive_until(ws, "session", 60)
+                assert again["resumed"] and again["id"] == session["id"] and again["clock"] == session["clock"]
+                assert not again["reread"]
+                after = collect_notes(ws, 12)
+                ws.send(json.dumps({"type": "stop"}))
+                assert receive_until(ws, "stopped")["notes_sent"] >= len(before)
+                with pytest.raises(Exception):
+                    while True:
+                        receive(ws, timeout=5)
+            assert min(n["beat"] for n in after) > last  # nothing the client had is sent again
+            assert min(n["start"] for n in after) > max(n["start"] for n in before)  # and time only moves on
+            wait_for(lambda: not keys.exists(token_key), 30, "the stopped session deleted from Redis")
+            metrics = urllib_get(second.http_url + "/metrics")
+            assert 'fm_sessions_restored_total{source="store"} 1.0' in metrics
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_a_store_url_that_is_not_redis_is_refused_at_start():
+    from tests.conftest import run_module
+
+    result = run_module("server", "--store", "http://127.0.0.1:6379", timeout=120)
+    assert result.returncode == 2 and "--store must look like redis://HOST:PORT/DB" in result.stderr
+
+
+def test_an_unreachable_store_gives_a_clear_error_and_the_server_carries_on(served_checkpoint):
+    from server.config import ServerConfig
+    from tests.cluster_harness import free_port
+    from tests.server_harness import running_server
+
+    config = ServerConfig(checkpoint=str(served_checkpoint), store=f"redis://127.0.0.1:{free_port()}/0")
+    with running_server(config) as server, server.connect() as ws:
+        ws.send(json.dumps({"type": "start", "resume_token": "held-by-a-replica-that-died", "last_beat": 3.0}))
+        error = receive_until(ws, "error", 30)
+        assert error["code"] == "store_failed" and "session store" in error["message"]
+        start_session(ws, seed=2, bpm=FAST)  # a new session still starts
+        ws.send(json.dumps({"type": "snapshot"}))
+        assert receive_until(ws, "error", 30)["code"] == "store_failed"
+        assert collect_notes(ws, 3)
