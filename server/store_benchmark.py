@@ -70,13 +70,14 @@ def p99(metric) -> float:
     return float("nan")
 
 
-async def phase(served: ServedModel, config: ServerConfig, sessions: int, seconds: float, with_store: bool) -> dict:
+async def phase(served: ServedModel, config: ServerConfig, sessions: int, seconds: float, warmup: float,
+                with_store: bool) -> dict:
     metrics = Metrics()
     engine = Engine(served.model, served.tokenizer, capacity=sessions, max_batch=config.max_batch,
                     lookahead=config.lookahead, generate_ahead=config.generate_ahead, metrics=metrics)
     engine.start()
-    store = open_store(config.store) if with_store else None
-    registry = SessionRegistry(config, engine, None, metrics, served.digest, store)
+    config = config if with_store else replace(config, store="")
+    registry = SessionRegistry(config, engine, None, metrics, served.digest, open_store(config.store))
     try:
         live = [Session(registry) for _ in range(sessions)]
         streams = await asyncio.gather(*(engine.open(None, sampling=replace(SamplingConfig(), seed=i + 1),
@@ -87,18 +88,25 @@ async def phase(served: ServedModel, config: ServerConfig, sessions: int, second
             session.connection = object()  # counted as connected by the saver
             registry.add(session)
         registry.saved.start()
+
+        async def send_for(duration: float) -> None:
+            until = time.perf_counter() + duration
+            while time.perf_counter() < until:
+                for session in live:
+                    notes, _ = session.due_notes()
+                    session.sent += len(notes)
+                await asyncio.sleep(SEND_EVERY)
+
+        await send_for(warmup)  # every stream primed and stepping before anything is counted
         began, tokens0 = time.perf_counter(), metrics.tokens._value.get()
-        steps0 = histogram(metrics.step_seconds)
-        while time.perf_counter() - began < seconds:
-            for session in live:
-                notes, _ = session.due_notes()
-                session.sent += len(notes)
-            await asyncio.sleep(SEND_EVERY)
+        steps0, saves0 = histogram(metrics.step_seconds), histogram(metrics.save_seconds)
+        written0, data0 = metrics.snapshots_saved._value.get(), metrics.snapshot_bytes._value.get()
+        await send_for(seconds)
         elapsed = time.perf_counter() - began
         count, total = (a - b for a, b in zip(histogram(metrics.step_seconds), steps0))
-        saves, save_seconds = histogram(metrics.save_seconds)
-        written = metrics.snapshots_saved._value.get()
-        data = metrics.snapshot_bytes._value.get()
+        saves, save_seconds = (a - b for a, b in zip(histogram(metrics.save_seconds), saves0))
+        written = metrics.snapshots_saved._value.get() - written0
+        data = metrics.snapshot_bytes._value.get() - data0
         return {"tokens_per_second": (metrics.tokens._value.get() - tokens0) / elapsed,
                 "step_ms_mean": 1000 * total / count if count else float("nan"),
                 "step_ms_p99": 1000 * p99(metrics.step_seconds), "snapshots_per_second": written / elapsed,
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=ServerConfig.checkpoint, help="checkpoint to serve")
     parser.add_argument("--sessions", type=int, default=1000, help="live sessions")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds each phase runs before it is measured")
     parser.add_argument("--snapshot-seconds", type=float, default=ServerConfig.snapshot_seconds,
                         help="how often each session is saved in the store phase")
     parser.add_argument("--threads", type=int, default=0, help="model threads (0: the server's default)")
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, with_store in (("no store", False), ("store", True)):
         print(f"running: {name} ...", file=sys.stderr, flush=True)
-        rows[name] = asyncio.run(phase(served, config, args.sessions, args.seconds, with_store))
+        rows[name] = asyncio.run(phase(served, config, args.sessions, args.seconds, args.warmup, with_store))
     print(f"{'':12}{'tokens/s':>10}{'step ms':>9}{'p99 ms':>8}{'writes/s':>10}{'MB/s':>7}{'KB/write':>9}"
           f"{'round ms':>9}")
     for name, r in rows.items():
