@@ -451,17 +451,6 @@ def test_a_bookmark_the_server_no_longer_has_is_refused_with_its_error(page):
     assert pg.inner_text("#start").strip().endswith("Start") and pg.is_disabled("#bookmark")
 
 
-@pytest.fixture(scope="module")
-def later_checkpoint(served_checkpoint, tmp_path_factory) -> Path:
-    """The served model saved again as a later step: to a server, another checkpoint (another digest)."""
-    from model.checkpoint.format import load_model, save_checkpoint
-
-    model, tokenizer, loaded = load_model(served_checkpoint)
-    return save_checkpoint(tmp_path_factory.mktemp("later") / "checkpoint", model=model,
-                           model_config=loaded.model_config, tokenizer=tokenizer, step=loaded.step + 1,
-                           epoch=loaded.epoch, val_loss=loaded.val_loss, train_config=loaded.train_config)
-
-
 def test_a_bookmark_continued_on_another_checkpoint_says_so(browser, served_checkpoint, later_checkpoint):
     """Two replicas share a store (a rolling restart onto a new model): a bookmark made on the old
     one and played on the new one is re-read there, and the status line says so."""
