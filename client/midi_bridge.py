@@ -19,7 +19,10 @@ The bridge is one WebSocket client of ``/ws`` (see ``server/protocol.py``) and o
 4. Notes played on the input are sent to the session as ``notes`` (``start`` on the session
    clock) when they are released.
 5. If the connection drops, every sounding note is turned off and the bridge reconnects with
-   ``{"type":"start","resume_token":...}`` for as long as the server keeps the session (60 s).
+   ``{"type":"start","resume_token":...,"last_beat":...}`` for as long as the server keeps the
+   session (60 s); ``last_beat``, the highest beat received, tells the server (perhaps another
+   replica, from an older snapshot) to send nothing at or before it again. A session that comes
+   back on another checkpoint (``reread``: a rolling restart onto a new model) is logged.
 6. Ctrl-C (or SIGTERM) sends ``stop``, waits briefly for ``stopped``, turns every note off (then
    All Notes Off and sustain off on every channel used; an exception takes the same ``finally``)
    and closes the ports. A SIGKILL cannot be caught.
@@ -352,6 +355,7 @@ class Bridge:
         self.ws: ClientConnection | None = None
         self.clock: float | None = None
         self.token: str | None = None
+        self.last_beat: float | None = None  # the highest beat of the session's notes received (a resume's last_beat)
         self.live = False
         self.stopping = False
         self.stopped = False
@@ -370,7 +374,7 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         attempt, lost_at = 0, None
         while not self.stopping:
-            first = {"type": "start", "resume_token": self.token} if self.token else {"type": "start", **self.start}
+            first = self._resume_message() if self.token else {"type": "start", **self.start}
             if self.following and not self.token and self.player.tracker.bpm is not None:
                 first["bpm"] = self._usable(self.player.tracker.bpm)  # the DAW's tempo from the first note
             self._went_live = False
@@ -428,6 +432,9 @@ class Bridge:
                 self.player.scheduler.sync_clock()
                 logger.info("%s session %s (lookahead %.2f s)", "resumed" if msg.get("resumed") else "started",
                             msg["id"], msg.get("lookahead", 0))
+                if msg.get("reread"):
+                    logger.info("session %s continued on a new model (another checkpoint read its last notes "
+                                "again: the same place, perhaps another character)", msg["id"])
                 # The session runs while the DAW's transport does; a new one first sends its opening
                 # lookahead of notes (held for the DAW's downbeat, so the next ones come that much
                 # ahead of their DAW time), then pauses.
@@ -457,13 +464,24 @@ class Bridge:
                 logger.warning("server error %s: %s", msg.get("code"), msg.get("message"))
                 if msg.get("code") == "unknown_resume_token":
                     # The session is gone (expired or never known): begin a new one.
-                    self.token = None
+                    self.token = self.last_beat = None
                     await ws.close()
             elif kind == "stopped":
                 self.stopped = True
                 logger.info("stopped after %s notes", msg.get("notes_sent"))
 
+    def _resume_message(self) -> dict:
+        """The ``start`` that continues the session after a drop."""
+        message = {"type": "start", "resume_token": self.token}
+        if self.last_beat is not None:
+            message["last_beat"] = self.last_beat
+        return message
+
     def _schedule(self, notes: list[dict]) -> None:
+        for n in notes:
+            beat = float(n["beat"])
+            if self.last_beat is None or beat > self.last_beat:
+                self.last_beat = beat
         self.player.play(notes, self.clock)
         if self.clock_out is not None and notes and self.bpm is not None:
             last = notes[-1]

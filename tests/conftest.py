@@ -66,6 +66,18 @@ def served_checkpoint(tiny_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def later_checkpoint(served_checkpoint, tmp_path_factory) -> Path:
+    """The served model saved again as a later step: to a server, another checkpoint (another digest),
+    as after a rolling restart onto a new model."""
+    from model.checkpoint.format import load_model, save_checkpoint
+
+    model, tokenizer, loaded = load_model(served_checkpoint)
+    return save_checkpoint(tmp_path_factory.mktemp("later") / "checkpoint", model=model,
+                           model_config=loaded.model_config, tokenizer=tokenizer, step=loaded.step + 1,
+                           epoch=loaded.epoch, val_loss=loaded.val_loss, train_config=loaded.train_config)
+
+
+@pytest.fixture(scope="session")
 def live_server(served_checkpoint):
     """A real uvicorn server on a free loopback port, shared by the tests that only talk to it."""
     from server.config import ServerConfig

@@ -279,9 +279,9 @@ def run_bridge(jack, proxy, request):
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / f"midi_bridge_{request.node.name}.log"
 
-    def start(port_name: str, *extra: str) -> subprocess.Popen:
+    def start(port_name: str, *extra: str, url: str | None = None) -> subprocess.Popen:
         out = open(log, "w")
-        proc = subprocess.Popen([sys.executable, "-m", "client.midi_bridge", "--url", proxy.url, "--api", "jack",
+        proc = subprocess.Popen([sys.executable, "-m", "client.midi_bridge", "--url", url or proxy.url, "--api", "jack",
                                  "--port-name", port_name, *extra], stdout=out, stderr=subprocess.STDOUT)
         out.close()
         procs.append(proc)
@@ -484,8 +484,10 @@ def test_a_dropped_connection_silences_and_resumes(jack, proxy, run_bridge):
         recorder.close()
     first = proxy.received("session", connection=0)[0].message
     start_again = [f.message for f in proxy.sent("start") if f.connection == 1]
-    assert start_again == [{"type": "start", "resume_token": first["resume_token"]}]
+    assert start_again == [{"type": "start", "resume_token": first["resume_token"],
+                            "last_beat": start_again[0].get("last_beat")}]
     assert resumed.message["resumed"] is True and resumed.message["clock"] == first["clock"]
+    assert_resumed_after_last_beat(proxy, start_again[0]["last_beat"])
 
     arrivals = recorder.arrivals()
     # Between the drop and the first note of the resumed stream, every key goes (and stays) off.
@@ -500,6 +502,54 @@ def test_a_dropped_connection_silences_and_resumes(jack, proxy, run_bridge):
     assert all_off and min(all_off) < asked_again, "no All Notes Off between the drop and the reconnection"
     assert not unsilenced_channels(gap, dropped_at), "a channel was not silenced at the drop"
     assert min(all_off) - dropped_at < NOTICE_DROP_SECONDS, f"the drop was noticed {min(all_off) - dropped_at:.1f} s late"
+
+
+def note_beats(proxy: RecordingProxy, connection: int) -> list[float]:
+    return [n["beat"] for f in proxy.received("notes", connection=connection) for n in f.message["notes"]]
+
+
+def assert_resumed_after_last_beat(proxy: RecordingProxy, last_beat: float) -> None:
+    """The resume's last_beat is a beat of the dropped connection's notes (the drop may have lost
+    the last few on their way), and the resumed connection sends nothing at or before it."""
+    assert last_beat in note_beats(proxy, 0)
+    again = note_beats(proxy, 1)
+    assert again and min(again) > last_beat, (last_beat, again[:5])
+
+
+def test_a_session_resumed_on_another_checkpoint_is_logged_and_goes_on_after_last_beat(
+        jack, run_bridge, served_checkpoint, later_checkpoint):
+    """A rolling restart: the replica that held the session goes, and one on a new checkpoint, sharing
+    the store, resumes it from its last saved snapshot (older than what the bridge has heard)."""
+    import redis
+
+    from server.config import ServerConfig
+    from tests.cluster_harness import redis_server
+    from tests.server_harness import running_server
+
+    port = f"FM Bridge Reread {os.getpid()}"
+    with redis_server() as store, \
+            running_server(ServerConfig(checkpoint=str(served_checkpoint), store=store)) as old, \
+            running_server(ServerConfig(checkpoint=str(later_checkpoint), store=store)) as new:
+        relay = RecordingProxy(old.ws_url)
+        try:
+            bridge = run_bridge(port, "--bpm", "240", "--seed", "9", url=relay.url)
+            first = wait_for(lambda: relay.received("session", connection=0), 60, "the session")[0].message
+            saved = redis.Redis.from_url(store)
+            wait_for(lambda: saved.exists(f"fm:session:{first['resume_token']}"), 30, "the session in the store")
+            wait_for(lambda: len(note_beats(relay, 0)) >= 20, 60, "notes before the drop")
+            relay.upstream = new.ws_url  # the next connection reaches the new replica
+            relay.drop()
+            resumed = wait_for(lambda: relay.received("session", connection=1), 30, "the resumed session")[0].message
+            wait_for(lambda: len(relay.received("notes", connection=1)) >= 3, 30, "notes after resuming")
+            log = stop_bridge(bridge, run_bridge.log)
+        finally:
+            relay.close()
+    assert resumed["resumed"] and resumed["reread"] and resumed["id"] == first["id"]
+    assert resumed["clock"] == first["clock"]
+    assert f"session {first['id']} continued on a new model" in log
+    start_again = [f.message for f in relay.sent("start") if f.connection == 1]
+    assert [m.keys() for m in start_again] == [{"type", "resume_token", "last_beat"}]
+    assert_resumed_after_last_beat(relay, start_again[0]["last_beat"])
 
 
 def test_output_into_an_existing_port(jack, proxy, run_bridge):

@@ -8,8 +8,10 @@ error, an uncaught exception, or a request to anything but loopback. Screenshots
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import shutil
 import statistics
 import time
@@ -19,7 +21,10 @@ from urllib.parse import urlparse
 import mido
 import pytest
 
+from server.config import ServerConfig
+from tests.cluster_harness import redis_server
 from tests.midi_builders import build_midi
+from tests.server_harness import running_server
 from tests.timing import ARTIFACTS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,6 +56,7 @@ class PageUnderTest:
         self.requests: list[str] = []
         self.sent: list[dict] = []
         self.received: list[dict] = []
+        self.sockets: list[dict] = []  # per WebSocket the page opened: its "url", "sent" and "received"
         page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
         page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}"))
@@ -58,11 +64,31 @@ class PageUnderTest:
         page.on("websocket", self._socket)
 
     def _socket(self, ws) -> None:
-        ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
-        ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
+        frames = {"url": ws.url, "sent": [], "received": []}
+        self.sockets.append(frames)
+
+        def record(direction: str, every: list[dict]):
+            def on_frame(payload) -> None:
+                message = json.loads(payload)
+                every.append(message)
+                frames[direction].append(message)
+            return on_frame
+        ws.on("framesent", record("sent", self.sent))
+        ws.on("framereceived", record("received", self.received))
 
     def sent_of(self, kind: str) -> list[dict]:
         return [m for m in self.sent if m.get("type") == kind]
+
+    def socket_where(self, test) -> dict:
+        """The frames of the first WebSocket for which ``test(frames)`` holds."""
+        return next(frames for frames in self.sockets if test(frames))
+
+    def until(self, condition, what: str, timeout: float = 30.0) -> None:
+        """Waits (letting the page run) until ``condition()`` holds; fails naming ``what``."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"{what}; sent {self.sent[-5:]}, received {self.received[-3:]}"
+            self.page.wait_for_timeout(50)
 
     def stats(self) -> dict:
         return self.page.evaluate("() => window.fm.stats")
@@ -82,13 +108,14 @@ class PageUnderTest:
         return bad
 
 
-@pytest.fixture
-def page(browser, live_server):
+@contextlib.contextmanager
+def page_on(browser, base_url: str):
+    """The page served by ``base_url`` in a fresh browser context; on exit, checks it stayed clean."""
     context = browser.new_context(viewport={"width": 1280, "height": 760}, accept_downloads=True)
     pg = context.new_page()
-    under_test = PageUnderTest(pg, live_server.http_url)
-    pg.goto(live_server.http_url + "/")
-    pg.wait_for_function("window.fm !== undefined && typeof Midi === 'function'")
+    under_test = PageUnderTest(pg, base_url)
+    pg.goto(base_url + "/")
+    wait_for_page(pg)
     yield under_test
     if under_test.page.evaluate("() => window.fm.session !== null"):
         pg.click("#start")  # Stop, so the server's session ends cleanly
@@ -96,6 +123,16 @@ def page(browser, live_server):
     context.close()
     assert not under_test.problems, under_test.problems
     assert not under_test.outside_requests(), under_test.outside_requests()
+
+
+def wait_for_page(pg) -> None:
+    pg.wait_for_function("window.fm !== undefined && typeof Midi === 'function'")
+
+
+@pytest.fixture
+def page(browser, live_server):
+    with page_on(browser, live_server.http_url) as under_test:
+        yield under_test
 
 
 WALL_NOW = "(performance.timeOrigin + performance.now()) / 1000"  # the page's wallNow(), in unix seconds
@@ -129,7 +166,7 @@ def canvas_ink(pg) -> int:
 def test_page_loads_offline_with_its_controls(page):
     pg = page.page
     assert pg.title() == "FM Server"
-    for selector in ("#start", "#pause", "#download", "#volume", "#mute", "#bpm", "#temperature", "#top_k",
+    for selector in ("#start", "#pause", "#bookmark", "#bookmarks", "#download", "#volume", "#mute", "#bpm", "#temperature", "#top_k",
                      "#top_p", "#seed", "#prompt-file", "#keys .key", "#roll"):
         assert pg.locator(selector).count() >= 1, selector
     assert pg.input_value("#ws-url") == page.base_url.replace("http://", "ws://") + "/ws"
@@ -324,19 +361,116 @@ def test_pause_resume_and_stop(page):
     assert pg.inner_text("#start").strip().endswith("Start")
 
 
-def test_a_dropped_connection_resumes_the_same_session(page):
+def note_beats(frames: list[dict]) -> list[float]:
+    return [n["beat"] for m in frames if m["type"] == "notes" for n in m["notes"]]
+
+
+def test_a_dropped_connection_resumes_the_same_session_with_no_note_twice(page):
+    """The resume start says the latest beat the page has (``last_beat``), and the server sends
+    nothing at or before it again."""
     pg = page.page
     page.start(notes=4)
     first = next(m for m in page.received if m["type"] == "session")
-    pg.evaluate("() => window.fm.session.ws.close(4000, 'test: drop')")  # not a stop: the page comes back
+    # Not a stop: the page comes back. `had`: the notes the page had taken in when the socket dropped.
+    had = pg.evaluate("() => { const n = window.fm.stats.received; window.fm.session.ws.close(4000, 'test: drop');"
+                      " return n; }")
     pg.wait_for_function("window.fm.stats.state === 'playing' && window.fm.session && window.fm.session.live "
                          "&& window.fm.session.attempt === 0", timeout=30_000)
-    deadline = time.monotonic() + 30
-    while not [m for m in page.received if m["type"] == "session" and m["resumed"]]:
-        assert time.monotonic() < deadline, "no resumed session"
-        pg.wait_for_timeout(50)
-    resumed = [m for m in page.received if m["type"] == "session" and m["resumed"]][0]
+    page.until(lambda: [m for m in page.received if m["type"] == "session" and m["resumed"]], "no resumed session")
+    again = page.socket_where(lambda f: any(m["type"] == "session" and m["resumed"] for m in f["received"]))
+    resumed = next(m for m in again["received"] if m["type"] == "session")
     assert resumed["clock"] == first["clock"] and resumed["id"] == first["id"]
-    assert {"type": "start", "resume_token": first["resume_token"]} in page.sent_of("start")
+    heard = note_beats(page.sockets[0]["received"])[:had]
+    assert again["sent"][0] == {"type": "start", "resume_token": first["resume_token"], "last_beat": max(heard)}
     before = page.stats()["received"]
     pg.wait_for_function(f"window.fm.stats.received > {before}", timeout=30_000)
+    assert note_beats(again["received"]) and min(note_beats(again["received"])) > max(heard)
+
+
+def shown_beat(beat: float) -> str:
+    """A beat as the bookmark list shows it (JavaScript's Math.round to a tenth, no trailing .0)."""
+    return f"beat {math.floor(beat * 10 + 0.5) / 10:g}"
+
+
+def test_a_bookmark_jumps_back_to_its_moment_in_a_new_session(page):
+    pg = page.page
+    assert pg.is_disabled("#bookmark") and pg.is_hidden("#marks")  # no bookmarks yet
+    page.start(notes=8)
+    first = next(m for m in page.received if m["type"] == "session")
+    state = next(m for m in page.received if m["type"] == "state")
+    pg.click("#bookmark")
+    pg.wait_for_selector("#bookmarks .jump")
+    mark = next(m for m in page.received if m["type"] == "snapshot")
+    assert mark["beat"] > 0 and shown_beat(mark["beat"]) in pg.inner_text("#bookmarks .jump")
+    played_on = page.stats()["received"] + 4  # the music goes on past the bookmark
+    pg.wait_for_function(f"window.fm.stats.received >= {played_on}", timeout=30_000)
+    pg.fill("#temperature", "1.2")  # the jump takes the page's settings now
+
+    pg.click("#bookmarks .jump")
+    pg.wait_for_function(f"window.fm.session && window.fm.session.id && window.fm.session.id !== '{first['id']}' "
+                         "&& window.fm.stats.received >= 4", timeout=60_000)
+    assert page.sockets[0]["sent"][-1] == {"type": "stop"}
+    assert any(m["type"] == "stopped" for m in page.sockets[0]["received"])
+    jump = page.socket_where(lambda f: f["sent"] and f["sent"][0].get("snapshot"))
+    start = jump["sent"][0]
+    assert start["snapshot"] == mark["id"] and not {"prompt_notes", "prompt_midi", "resume_token"} & set(start)
+    assert start["temperature"] == 1.2 and start["seed"] == state["seed"]
+    assert {k: start[k] for k in ("bpm", "top_k", "top_p", "key_pull")} == {
+        k: state[k] for k in ("bpm", "top_k", "top_p", "key_pull")}
+    session = next(m for m in jump["received"] if m["type"] == "session")
+    assert session["snapshot"] == mark["id"] and not session["resumed"] and session["clock"] == first["clock"]
+    assert min(note_beats(jump["received"])) > mark["beat"]  # it goes on after the bookmark
+    status = pg.inner_text("#status-text")
+    assert status.startswith("playing") and "from bookmark" in status
+    assert shown_beat(mark["beat"]) in pg.inner_text("#bookmarks li.current")
+    # the roll goes on: what the first session played is still on it
+    assert pg.evaluate("() => window.fm.roll.notes.filter(n => !n.played).length") > page.stats()["received"]
+
+    pg.click("#start")  # Stop; the list outlasts a reload
+    pg.wait_for_function("window.fm.session === null")
+    pg.reload()
+    wait_for_page(pg)
+    assert pg.locator("#bookmarks .jump").count() == 1 and shown_beat(mark["beat"]) in pg.inner_text("#bookmarks")
+
+
+def test_a_bookmark_the_server_no_longer_has_is_refused_with_its_error(page):
+    pg = page.page
+    # kept in localStorage from before the server restarted (without --store it keeps bookmarks in memory)
+    pg.evaluate("""() => localStorage.setItem("fm.bookmarks", JSON.stringify([{
+        id: "gone-after-a-restart", beat: 12, at: Date.now() - 60000, expires: Date.now() + 3600000,
+        server: "ws://127.0.0.1:9/ws"}]))""")
+    pg.reload()
+    wait_for_page(pg)
+    assert shown_beat(12) in pg.inner_text("#bookmarks .jump")
+    pg.click("#bookmarks .jump")
+    pg.wait_for_function("window.fm.session === null && "
+                         "document.getElementById('status-text').textContent.includes('unknown_snapshot')")
+    assert page.sent_of("start") == [{**page.sent_of("start")[0], "snapshot": "gone-after-a-restart"}]
+    assert [m["code"] for m in page.received if m["type"] == "error"] == ["unknown_snapshot"]
+    assert not any(m["type"] == "session" for m in page.received)
+    assert pg.inner_text("#start").strip().endswith("Start") and pg.is_disabled("#bookmark")
+
+
+def test_a_bookmark_continued_on_another_checkpoint_says_so(browser, served_checkpoint, later_checkpoint):
+    """Two replicas share a store (a rolling restart onto a new model): a bookmark made on the old
+    one and played on the new one is re-read there, and the status line says so."""
+    with redis_server() as store, \
+            running_server(ServerConfig(checkpoint=str(served_checkpoint), store=store)) as old, \
+            running_server(ServerConfig(checkpoint=str(later_checkpoint), store=store,
+                                        allowed_origins=old.http_url)) as new, \
+            page_on(browser, old.http_url) as page:
+        pg = page.page
+        page.start(notes=4)
+        pg.click("#bookmark")
+        pg.wait_for_selector("#bookmarks .jump")
+        assert "continued on a new model" not in pg.inner_text("#status-text")
+        pg.click("details.server summary")  # the server address, behind ⚙
+        pg.fill("#ws-url", new.ws_url)
+        pg.click("#bookmarks .jump")
+        pg.wait_for_function("window.fm.stats.received >= 4 && "
+                             "document.getElementById('status-text').textContent.includes('continued on a new model')",
+                             timeout=60_000)
+        jump = page.socket_where(lambda f: f["sent"] and f["sent"][0].get("snapshot"))
+        assert jump["url"] == new.ws_url and page.sockets[0]["url"] == old.ws_url
+        session = next(m for m in jump["received"] if m["type"] == "session")
+        assert session["reread"] and not session["resumed"]

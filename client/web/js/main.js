@@ -9,6 +9,7 @@ import { Synth, wallNow } from "./synth.js";
 import { PianoRoll, VOICE_COLOURS } from "./roll.js";
 import { Keys, attachMidiInputs, noteName } from "./keyboard.js";
 import { readPrompt, writeMidi } from "./midifile.js";
+import { Bookmarks } from "./bookmarks.js";
 
 const PLAYED_VOICE = 0;          // the voice played notes take in the session
 const PROMPT_GAP_S = 10;         // a pause this long before a played note starts a new prompt
@@ -17,7 +18,7 @@ const SET_EVERY_MS = 120;        // how often a dragged control sends "set"
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  start: $("start"), pause: $("pause"), download: $("download"), mute: $("mute"), volume: $("volume"),
+  start: $("start"), pause: $("pause"), bookmark: $("bookmark"), download: $("download"), mute: $("mute"), volume: $("volume"),
   url: $("ws-url"), apiKey: $("api-key"), dot: $("status-dot"), text: $("status-text"), notes: $("stat-notes"), session: $("stat-session"),
   headroom: $("stat-headroom"), hint: $("roll-hint"), legend: $("legend"), drop: $("drop"),
   file: $("prompt-file"), promptText: $("prompt-text"), promptClear: $("prompt-clear"),
@@ -27,7 +28,8 @@ const KNOBS = ["bpm", "temperature", "top_k", "top_p", "key_pull"];
 
 const synth = new Synth();
 const roll = new PianoRoll($("roll"));
-const stats = { received: 0, played: 0, sent: 0, sets: 0 };
+const stats = { received: 0, played: 0, sent: 0, sets: 0, bookmarks: 0 };
+const NEW_MODEL = "continued on a new model";
 let session = null;
 let state = "idle";              // idle | connecting | playing | paused
 let bpm = Number($("bpm").value);
@@ -37,6 +39,8 @@ let promptPlayed = [];           // notes played before a session, sent as promp
 let pendingPlayed = [];          // played while reconnecting
 let errorText = null;
 let phaseText = "not connected";
+let sessionNote = [];            // what the status line says of the session: from a bookmark, on a new model
+let jumpTo = null;               // a bookmark to start from once the session playing now has stopped
 const held = new Map();          // `${source}:${pitch}` -> {handle, note}
 const voicesSeen = new Set();
 
@@ -140,26 +144,54 @@ ui.pause.addEventListener("click", () => {
   else session.pause();
 });
 ui.download.addEventListener("click", download);
+ui.bookmark.addEventListener("click", takeBookmark);
 
-function startSession() {
+// ------------------------------------------------------------------ bookmarks
+const bookmarks = new Bookmarks($("marks"), $("bookmarks"), { onJump: jumpBack });
+
+function takeBookmark() {
+  if (session && session.send({ type: "snapshot" })) stats.bookmarks++;
+}
+
+// Jump back: the session playing now stops, and a new one goes on from the bookmark with the
+// page's settings; the roll keeps what has sounded.
+function jumpBack(mark) {
+  if (session) {
+    jumpTo = mark;
+    if (!session.stopping) session.stop();  // its "closed" starts the new one
+  } else {
+    startSession(mark);
+  }
+}
+
+/** A new session: from `mark` (a bookmark) if given, else from the prompt or from nothing. */
+function startSession(mark = null) {
   synth.ensure();
   errorText = null;
+  sessionNote = [];
   const start = settings();
-  if (promptFile) {
+  if (mark) {
+    start.snapshot = mark.id;
+  } else if (promptFile) {
     start.prompt_midi = promptFile.base64;
   } else if (promptPlayed.length) {
     const t0 = promptPlayed[0].t;
     start.prompt_notes = promptPlayed.slice(-MAX_PROMPT_NOTES).map((n) => wireNote(n, t0));
   }
-  // A new session starts a new piece; notes played as its prompt stay on screen.
-  const keep = new Set(promptPlayed);
-  roll.notes = roll.notes.filter((n) => keep.has(n) || n.d === null);
-  roll.first = 0;
   stats.received = 0;
-  voicesSeen.clear();
-  drawLegend();
-  bpm = start.bpm;
-  tempos = [{ t: wallNow(), bpm }];
+  if (mark) {  // the piece goes on from the bookmark: the roll and its voices stay
+    if (start.bpm !== bpm) tempos.push({ t: wallNow(), bpm: start.bpm });
+    bpm = start.bpm;
+  } else {  // a new piece; notes played as its prompt stay on screen
+    const keep = new Set(promptPlayed);
+    roll.notes = roll.notes.filter((n) => keep.has(n) || n.d === null);
+    roll.first = 0;
+    voicesSeen.clear();
+    drawLegend();
+    bpm = start.bpm;
+    tempos = [{ t: wallNow(), bpm }];
+  }
+  bookmarks.setCurrent(null);
   setPending = {};
 
   const s = (session = new Session(sessionUrl()));
@@ -167,6 +199,12 @@ function startSession() {
   s.addEventListener("session", (e) => {
     const m = e.detail;
     tempos[0].t = Math.min(tempos[0].t, m.clock);
+    if (m.snapshot) {
+      sessionNote.push("from bookmark");  // the list marks which
+      bookmarks.setCurrent(m.snapshot);
+    }
+    // A rolling restart moved the session onto another checkpoint: same place, maybe another character.
+    if (m.reread && !sessionNote.includes(NEW_MODEL)) sessionNote.push(NEW_MODEL);
     setPhase("playing", m.resumed ? "resumed" : null);
     if (pendingPlayed.length) {
       s.notes(pendingPlayed.map((n) => wireNote(n, m.clock)));
@@ -176,13 +214,14 @@ function startSession() {
     if (Object.keys(setPending).length) sendSet({}, true);
   });
   s.addEventListener("state", (e) => showState(e.detail));
+  s.addEventListener("snapshot", (e) => bookmarks.add(e.detail, ui.url.value.trim()));
   s.addEventListener("notes", (e) => onNotes(e.detail.notes, s.clock));
   s.addEventListener("error", (e) => {
     const text = (errorText = `${e.detail.code}: ${e.detail.message}`);
     console.warn("server error", e.detail);
     showStatus();
-    setTimeout(() => {  // a note the model could not read is news, not a state
-      if (errorText === text) {
+    setTimeout(() => {  // a note the model could not read is news, not a state; a refused start stays
+      if (errorText === text && session === s) {
         errorText = null;
         showStatus();
       }
@@ -200,8 +239,15 @@ function startSession() {
     roll.notes = roll.notes.filter((n) => n.played || n.t <= now);
     roll.first = 0;
     const reason = e.detail.reason;
+    sessionNote = [];
+    bookmarks.setCurrent(null);
     setPhase(reason === "stopped" ? "idle" : "error",
              reason === "stopped" ? "stopped" : reason === "expired" ? "session expired" : null);
+    if (jumpTo) {
+      const mark = jumpTo;
+      jumpTo = null;
+      startSession(mark);
+    }
   });
   setPhase("connecting", "connecting…");
   s.start(start);
@@ -254,6 +300,7 @@ function setPhase(phase, text = null) {
   ui.start.querySelector(".label").textContent = live ? "Stop" : "Start";
   ui.start.querySelector(".icon").innerHTML = live ? "&#9632;" : "&#9654;";
   ui.pause.disabled = !(phase === "playing" || phase === "paused");
+  ui.bookmark.disabled = ui.pause.disabled;
   ui.pause.querySelector(".label").textContent = phase === "paused" ? "Resume" : "Pause";
   ui.pause.querySelector(".icon").innerHTML = phase === "paused" ? "&#9654;" : "&#10074;&#10074;";
   ui.dot.className = `dot ${phase === "playing" ? "live" : phase}`;
@@ -263,8 +310,9 @@ function setPhase(phase, text = null) {
 }
 
 function showStatus() {
-  ui.text.textContent = errorText ? `${phaseText} — ${errorText}` : phaseText;
-  ui.text.title = ui.url.value;
+  const note = sessionNote.length && (state === "playing" || state === "paused") ? ` · ${sessionNote.join(" · ")}` : "";
+  ui.text.textContent = `${phaseText}${note}${errorText ? ` — ${errorText}` : ""}`;
+  ui.text.title = `${ui.text.textContent} (${ui.url.value})`;
   ui.session.textContent = session && session.id ? `session ${String(session.id).slice(0, 8)}` : "";
 }
 
@@ -299,6 +347,7 @@ window.addEventListener("keydown", (e) => {
   if (e.repeat || e.ctrlKey || e.metaKey || e.altKey) return;
   if (t && (t.tagName === "INPUT" && t.type !== "range" || t.tagName === "SELECT" || t.tagName === "BUTTON")) return;
   if (e.code === "KeyM") toggleMute(!synth.muted);
+  else if (e.code === "KeyB") takeBookmark();
   else if (e.code === "Space") {
     e.preventDefault();
     ui.start.click();
@@ -432,4 +481,5 @@ window.fm = {
   get session() { return session; },
   roll,
   synth,
+  bookmarks,
 };

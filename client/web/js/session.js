@@ -1,14 +1,17 @@
 // One generation session over the server's /ws protocol (see server/protocol.py).
 //
-//   open  -> send {"type":"start", settings..., prompt}
-//   recv  {"type":"session", clock, resume_token, lookahead}   -> event "session"
+//   open  -> send {"type":"start", settings..., prompt | snapshot}
+//   recv  {"type":"session", clock, resume_token, lookahead, snapshot, reread} -> event "session"
 //   recv  {"type":"state", state, bpm, ...}                   -> event "state"
 //   recv  {"type":"notes", notes:[{pitch, velocity, voice, start, duration, beat}]} -> event "notes"
 //   send  {"type":"set"|"notes"|"pause"|"resume"}              while live
+//   send  {"type":"snapshot"} -> recv {"type":"snapshot", id, beat, expires_in} -> event "snapshot"
 //   send  {"type":"stop"} -> recv {"type":"stopped"} -> close 1000 -> event "closed"
 //
-// A connection that drops without "stopped" is reopened with {"type":"start", resume_token}
-// (the server keeps a dropped session for 60 s); the session clock does not change.
+// An error before the first "session" reply refuses the start (an unknown bookmark, a bad prompt):
+// the session ends with reason "error". A connection that drops without "stopped" is reopened with
+// {"type":"start", resume_token, last_beat} (the server keeps a dropped session for 60 s, and sends
+// no note at or before last_beat, the latest beat received here); the session clock does not change.
 // Events are DOM CustomEvents with the message in `detail`; "status" carries {phase, text}.
 
 const RESUME_WINDOW_S = 60;
@@ -25,6 +28,7 @@ export class Session extends EventTarget {
     this.lookahead = null;
     this.stopping = false;
     this.ended = false;
+    this.lastBeat = null;     // the highest beat of the notes received (a resume's last_beat)
     this.droppedAt = null;    // wall time the connection dropped (for the resume window)
     this.attempt = 0;
     this.retryTimer = null;
@@ -99,9 +103,14 @@ export class Session extends EventTarget {
         this._emit("stopped", msg);
         this._finish("stopped");
         break;
+      case "notes":
+        for (const n of msg.notes) if (this.lastBeat === null || n.beat > this.lastBeat) this.lastBeat = n.beat;
+        this._emit("notes", msg);
+        break;
       case "error":
         this._emit("error", msg);
         if (msg.code === "unknown_resume_token") this._finish("expired");
+        else if (this.clock === null) this._finish("error");  // the start was refused
         break;
       default:
         this._emit(msg.type, msg);
@@ -142,7 +151,9 @@ export class Session extends EventTarget {
     this._emit("dropped", {});
     const delay = BACKOFF_S[Math.min(this.attempt++, BACKOFF_S.length - 1)];
     this._emit("status", { phase: "connecting", text: `connection lost — retrying in ${delay} s` });
-    this.retryTimer = setTimeout(() => this._open({ type: "start", resume_token: this.token }), delay * 1000);
+    const again = { type: "start", resume_token: this.token };
+    if (this.lastBeat !== null) again.last_beat = this.lastBeat;
+    this.retryTimer = setTimeout(() => this._open(again), delay * 1000);
   }
 
   _finish(reason) {
