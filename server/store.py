@@ -62,10 +62,11 @@ class MemoryStore(SessionStore):
 
     def __init__(self, limit: int = MEMORY_ENTRIES) -> None:
         self.limit = limit
+        self.clock = time.monotonic  # what expiry is measured on
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     async def put_many(self, items: list[tuple[str, bytes]], ttl: float) -> None:
-        expires = time.monotonic() + ttl
+        expires = self.clock() + ttl
         for key, data in items:
             self._entries.pop(key, None)
             self._entries[key] = (expires, data)
@@ -76,7 +77,7 @@ class MemoryStore(SessionStore):
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] < time.monotonic():
+        if entry[0] < self.clock():
             del self._entries[key]
             return None
         return entry[1]

@@ -150,11 +150,14 @@ def test_a_session_resumes_on_another_server_sharing_the_store_and_stops_there(s
             with first.connect() as ws:
                 session, _ = start_session(ws, seed=75, bpm=FAST)
                 before = collect_notes(ws, 12)
+                ws.send(json.dumps({"type": "snapshot"}))
+                mark = receive_until(ws, "snapshot")
             last = max(n["beat"] for n in before)
             keys = redis.Redis.from_url(url)
             token_key = f"fm:session:{session['resume_token']}"
             from tests.waiting import wait_for
             wait_for(lambda: keys.exists(token_key), 30, "the dropped session saved to Redis")
+            assert keys.pttl(f"{BOOKMARK_PREFIX}{mark['id']}") > 600_000  # a bookmark outlives ten minutes
             with second.connect() as ws:
                 ws.send(json.dumps({"type": "start", "resume_token": session["resume_token"], "last_beat": last}))
                 again = receive_until(ws, "session", 60)
@@ -201,3 +204,48 @@ def test_an_unreachable_store_gives_a_clear_error_and_the_server_carries_on(serv
         ws.send(json.dumps({"type": "snapshot"}))
         assert receive_until(ws, "error", 30)["code"] == "store_failed"
         assert collect_notes(ws, 3)
+
+
+def test_a_bookmark_restored_ten_minutes_later_continues_from_the_same_state(live_server):
+    """The store's clock moved on by ten minutes (a test cannot wait that long), then past the expiry."""
+    import time
+
+    with live_server.connect() as ws:
+        start_session(ws, seed=76, bpm=FAST)
+        collect_notes(ws, 8)
+        ws.send(json.dumps({"type": "snapshot"}))
+        mark = receive_until(ws, "snapshot")
+        parent = notes_after(ws, mark["beat"], COMPARED)
+        ws.send(json.dumps({"type": "stop"}))
+    store = live_server.server.config.app.state.registry.saved.bookmarks
+    try:
+        store.clock = lambda: time.monotonic() + 600
+        with live_server.connect() as ws:
+            start_session(ws, snapshot=mark["id"])
+            assert music(collect_notes(ws, COMPARED)) == music(parent)
+        store.clock = lambda: time.monotonic() + mark["expires_in"] + 1
+        with live_server.connect() as ws:
+            ws.send(json.dumps({"type": "start", "snapshot": mark["id"]}))
+            error = receive_until(ws, "error")
+            assert error["code"] == "unknown_snapshot" and "--bookmark-seconds" in error["message"]
+    finally:
+        store.clock = time.monotonic
+
+
+def test_a_snapshot_of_a_format_this_server_does_not_read_gets_a_clear_error(live_server):
+    import asyncio
+
+    from tests.snapshot_bytes import set_key, with_metadata
+
+    with live_server.connect() as ws:
+        start_session(ws, seed=77, bpm=FAST)
+        collect_notes(ws, 4)
+        ws.send(json.dumps({"type": "snapshot"}))
+        mark = receive_until(ws, "snapshot")
+    store = live_server.server.config.app.state.registry.saved.bookmarks
+    data = asyncio.run(store.get(BOOKMARK_PREFIX + mark["id"]))
+    asyncio.run(store.put(BOOKMARK_PREFIX + "from-the-future", with_metadata(data, set_key("format", 99)), 60))
+    with live_server.connect() as ws:
+        ws.send(json.dumps({"type": "start", "snapshot": "from-the-future"}))
+        error = receive_until(ws, "error")
+        assert error["code"] == "bad_snapshot" and "snapshot format 99: this server reads format 1" in error["message"]

@@ -4,8 +4,6 @@ the engine putting a stream back where a snapshot stands, into the same model or
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +14,7 @@ from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
 from server.engine import Engine
 from server.snapshot import SNAPSHOT_FORMAT, SessionSnapshot, SnapshotError
+from tests.snapshot_bytes import set_key, with_metadata
 from tests.waiting import wait_until
 
 NOTES_BEFORE = 12  # notes "sent" before the snapshot
@@ -119,27 +118,6 @@ def snapshot_bytes(served) -> bytes:
         finally:
             engine.close()
     return asyncio.run(main())
-
-
-def with_metadata(data: bytes, change) -> bytes:
-    """``data`` with its snapshot metadata changed by ``change(meta)`` (the tensors kept)."""
-    size = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + size])
-    meta = json.loads(header["__metadata__"]["fm_snapshot"])
-    change(meta)
-    header["__metadata__"]["fm_snapshot"] = json.dumps(meta)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + data[8 + size:]
-
-
-def set_key(path: str, value):
-    def change(meta):
-        *parents, last = path.split(".")
-        for part in parents:
-            meta = meta[part]
-        meta[last] = value
-    return change
 
 
 @pytest.mark.parametrize("damage, reason", [
