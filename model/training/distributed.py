@@ -13,6 +13,7 @@ With several ranks, under :func:`process_group`:
   checkpoint to resume from, and draws the same order of windows from the same seed, so each
   step's global batch (``--batch_size`` windows) is the same everywhere; each rank trains on its
   own slice of it (:meth:`Ranks.shard`) in ``DistributedDataParallel`` (:meth:`Ranks.wrap`);
+  ranks that resumed from different checkpoints stop with an error (:meth:`Ranks.same`);
 * the loss is the mean over the global batch's tokens: the token counts are all-reduced
   (:meth:`Ranks.sum`) and each rank divides its loss sums by them, so the gradient equals that of
   one process holding the whole batch;
