@@ -5,18 +5,22 @@ tokenizer's vocabulary and the unigram/bigram baselines are fitted on the traini
 Checkpoints go to ``--out_dir`` (see :mod:`model.training.run_folder`): ``latest`` (resume
 target), ``best`` (lowest validation loss), one per epoch, and timed ones every ``--save_minutes``.
 Training resumes from ``latest`` unless ``--fresh``. Ctrl-C saves ``latest`` and exits.
+
+On several GPUs or machines, start it with torchrun (``torchrun --standalone --nproc_per_node N -m
+model.train ...``): one process per device shares each step's ``--batch_size`` windows, and rank
+0 writes the checkpoints (:mod:`model.training.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 from model.checkpoint.files import CheckpointError
 from model.fm.config import ModelConfig
 from model.runtime.flags import add_dataclass_arguments, dataclass_from_args
+from model.training.distributed import install_stop_handlers, process_group, ranks_from_environment
 from model.training.trainer import MODEL_FLAGS_FROM_DATA, TrainConfig, Trainer
 
 
@@ -26,23 +30,26 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_arguments(parser, TrainConfig)
     add_dataclass_arguments(parser, ModelConfig, exclude=MODEL_FLAGS_FROM_DATA)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = dataclass_from_args(TrainConfig, args)
+    ranks = ranks_from_environment(cfg.device)
+    # Under torchrun the other ranks log errors only: rank 0 speaks for the run.
+    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
+                        format="%(asctime)s %(levelname)s " + (f"[rank {ranks.rank}] " if ranks.distributed else "")
+                        + "%(message)s")
     model_flags = {name: getattr(args, name) for name in ModelConfig.__dataclass_fields__
                    if name not in MODEL_FLAGS_FROM_DATA}
-    try:
-        trainer = Trainer(cfg, model_flags)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    # Ctrl-C and kill: save and exit. SIGINT explicitly too: a trainer started as a background job
-    # of a non-interactive shell inherits SIGINT ignored, and would otherwise never stop on it.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
-    stats = trainer.run()
-    print(f"done: {stats['steps']} steps, {stats['epochs']} epochs, validation loss "
-          f"{stats['val_loss']}, best {stats['best_val_loss']}, {stats['tokens_per_s']} tokens/s; "
-          f"checkpoints in {cfg.out_dir}")
+    with process_group(ranks):
+        try:
+            trainer = Trainer(cfg, model_flags, ranks)
+        except (CheckpointError, FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        install_stop_handlers(ranks)  # Ctrl-C and kill: save and exit
+        stats = trainer.run()
+    if ranks.is_main:
+        print(f"done: {stats['steps']} steps, {stats['epochs']} epochs, validation loss "
+              f"{stats['val_loss']}, best {stats['best_val_loss']}, {stats['tokens_per_s']} tokens/s; "
+              f"checkpoints in {cfg.out_dir}")
     return 130 if stats["interrupted"] else 0
 
 

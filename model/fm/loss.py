@@ -19,16 +19,36 @@ def sequence_loss(model: nn.Module, out: FMOutput, targets: Tensor, velocity: Te
     it the sampled one. Returns the token loss (``token``, nats per token), the head losses and
     their weighted sum (``total``) for backprop.
     """
+    sums = sequence_loss_sums(model, out, targets, velocity, voice, mask, is_note)
+    return mean_losses(sums, sums["tokens"], sums["notes"])
+
+
+def sequence_loss_sums(model: nn.Module, out: FMOutput, targets: Tensor, velocity: Tensor, voice: Tensor,
+                       mask: Tensor, is_note: Tensor) -> dict[str, Tensor]:
+    """The sums behind :func:`sequence_loss`: ``token``, ``velocity`` and ``voice`` (summed NLL, nats)
+    and the counts they are over, ``tokens`` (real targets) and ``notes`` (real note targets).
+
+    Sums add up across the shards of a batch (data-parallel training divides them by the whole
+    batch's counts). The note head runs even when there is no note (on an empty selection, adding
+    0), so every parameter is in the graph of every batch, as DDP requires.
+    """
     # ignore_index rather than a boolean gather: no copy of the (B*T, V) logits.
     token = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                            targets.masked_fill(~mask, -100).reshape(-1), ignore_index=-100)
+                            targets.masked_fill(~mask, -100).reshape(-1), ignore_index=-100,
+                            reduction="sum")
     notes = (mask & is_note).reshape(-1)
-    if notes.any():
-        hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[notes]
-        voice_logits, velocity_logits = model.note_logits(hidden, targets.reshape(-1)[notes])
-        vel = F.cross_entropy(velocity_logits.float(), velocity.reshape(-1)[notes])
-        voi = F.cross_entropy(voice_logits.float(), voice.reshape(-1)[notes])
-    else:
-        vel = voi = token.new_zeros(())
+    hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[notes]
+    voice_logits, velocity_logits = model.note_logits(hidden, targets.reshape(-1)[notes])
+    vel = F.cross_entropy(velocity_logits.float(), velocity.reshape(-1)[notes], reduction="sum")
+    voi = F.cross_entropy(voice_logits.float(), voice.reshape(-1)[notes], reduction="sum")
+    return {"token": token, "velocity": vel, "voice": voi, "tokens": mask.sum(), "notes": notes.sum()}
+
+
+def mean_losses(sums: dict[str, Tensor], tokens: Tensor, notes: Tensor) -> dict[str, Tensor]:
+    """:func:`sequence_loss_sums` as means over ``tokens`` targets and ``notes`` note targets (a
+    head loss is 0 where there is no note): ``token``, ``velocity``, ``voice`` and their weighted sum
+    ``total`` for backprop."""
+    token = sums["token"] / tokens
+    vel, voi = (sums[k] / notes.clamp(min=1) for k in ("velocity", "voice"))
     return {"token": token, "velocity": vel, "voice": voi,
             "total": token + NOTE_LOSS_WEIGHT * (vel + voi)}

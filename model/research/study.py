@@ -46,8 +46,8 @@ from model.tokenizer.dna import DNA_FLOATS
 from model.tokenizer.tokenizer import Tokenizer
 from model.training.batches import Example, collate, make_example, windows
 from model.training.corpus import load_corpus
-from model.training.trainer import (TrainConfig, autocast, batch_losses, lr_at, mean_token_loss, optimizer_step,
-                                    train_step, validation_loss, validation_spans)
+from model.training.trainer import (BatchLoss, TrainConfig, autocast, batch_losses, lr_at, mean_token_loss,
+                                    optimizer_step, train_step, validation_loss, validation_spans)
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def transformer_validation_loss(model: CausalTransformer, examples: list[Example
 def train_for(model, train, cfg: TrainConfig, seconds: float, device, dtype, rng, desc: str) -> dict:
     """Train until ``seconds`` of wall clock have passed; returns steps, tokens and seconds."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss = None if isinstance(model, CausalTransformer) else BatchLoss(model)
     model.train()
     started = time.perf_counter()
     step = tokens = 0
@@ -163,7 +164,7 @@ def train_for(model, train, cfg: TrainConfig, seconds: float, device, dtype, rng
                                           device=device, dtype=dtype)
             else:
                 batch = collate(train, chosen, device)
-                losses, _ = train_step(model, optimizer, batch, lr=lr, grad_clip=cfg.grad_clip,
+                losses, _ = train_step(loss, optimizer, batch, lr=lr, grad_clip=cfg.grad_clip,
                                        device=device, dtype=dtype)
             step += 1
             tokens += int(batch["mask"].sum())

@@ -51,9 +51,13 @@ def windows(examples: list[Example], max_len: int, rng: np.random.Generator | No
 
 def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: torch.device) -> dict[str, torch.Tensor]:
     """Pad windows on the right into tensors: the inputs' ``dna`` (B, T, 7) and ``slots``, the
-    shifted ``targets``, ``velocity``, ``voice`` and ``is_note`` (B, T); ``mask`` marks real targets."""
-    length = max(b - a for _, a, b in batch) - 1
-    size = len(batch)
+    shifted ``targets``, ``velocity``, ``voice`` and ``is_note`` (B, T); ``mask`` marks real targets.
+
+    An empty ``batch`` gives one row of padding with nothing to score: a rank whose share of a
+    short global batch is empty still runs the model, as every rank of a DDP step must.
+    """
+    length = max((b - a for _, a, b in batch), default=2) - 1
+    size = max(len(batch), 1)
     dna = np.zeros((size, length, DNA_FLOATS), np.float32)
     slots = np.zeros((size, length), np.int64)
     targets = np.zeros((size, length), np.int64)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,13 +114,19 @@ class EventCache:
             return
         events, recovered, problems = value
         meta = json.dumps({"recovered": recovered, "problems": problems})
-        tmp = self.dir / f".{digest}.{os.getpid()}.npz"
+        tmp = self.dir / f".{digest}.{_writer()}.npz"
         np.savez(tmp, meta=np.array(meta), **events.arrays())
         os.replace(tmp, self.dir / f"{digest}.npz")
 
 
+def _writer() -> str:
+    """Who writes a temporary file: host and process, so that the processes of a training run on
+    several machines can share one cache folder without writing the same temporary file."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{_writer()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

@@ -5,6 +5,7 @@ tokenizer's vocabulary and the unigram/bigram baselines are fitted on the traini
 Checkpoints go to the run folder (:mod:`model.training.run_folder`): ``latest`` (resume target),
 ``best`` (lowest validation loss), one per epoch, and timed ones every ``save_minutes``.
 Training resumes from ``latest`` unless ``fresh``; Ctrl-C saves ``latest`` and stops.
+Under ``torchrun`` the ranks share each step's batch (:mod:`model.training.distributed`).
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import format as ckpt
 from model.checkpoint.atomic import write_json
+from model.checkpoint.files import CheckpointError
 from model.evaluation.baselines import Baselines
 from model.fm.config import ModelConfig
-from model.fm.loss import sequence_loss
+from model.fm.loss import mean_losses, sequence_loss, sequence_loss_sums
 from model.fm.machine import FieldMachine
 from model.fm.state import FMOutput
-from model.runtime.device import resolve_device, resolve_precision
+from model.runtime.device import resolve_precision
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import TokenShape
 from model.training.batches import Example, collate, make_example, windows
 from model.training.corpus import load_corpus
+from model.training.distributed import Ranks, ranks_from_environment
 from model.training.run_folder import RUN_STATS_FILE, TRAINER_FILES, append_log_row, checkpoint_dirs
 
 logger = logging.getLogger(__name__)
@@ -44,7 +48,8 @@ class TrainConfig:
     midi_dir: str = field(metadata={"help": "folder of MIDI files (searched recursively)"})
     out_dir: str = field(default="runs/fm", metadata={"help": "folder for checkpoints and logs"})
     epochs: int = field(default=100, metadata={"help": "passes over the training files"})
-    batch_size: int = field(default=8, metadata={"help": "sequences (windows) per step"})
+    batch_size: int = field(default=8, metadata={
+        "help": "sequences (windows) per step; under torchrun the global batch, shared out among the processes"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
@@ -111,36 +116,71 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
     return grad_norm
 
 
-def train_step(model: FieldMachine, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               *, lr: float, grad_clip: float, device: torch.device, dtype: torch.dtype
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimizer step on a batch at learning rate ``lr``: the losses and the gradient norm."""
+class BatchLoss(nn.Module):
+    """A model and its loss as one module: a :func:`collate` batch -> the loss sums and counts of
+    :func:`model.fm.loss.sequence_loss_sums`. Under torchrun this is what DDP wraps, so the note
+    head, which the loss runs, is inside the wrapped forward like the rest of the model."""
+
+    def __init__(self, model: FieldMachine) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["dna"], batch["slots"])
+        return sequence_loss_sums(self.model, out, batch["targets"], batch["velocity"], batch["voice"],
+                                  batch["mask"], batch["is_note"])
+
+
+LOSS_SUMS = ("token", "velocity", "voice")
+
+
+def train_step(loss: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               *, lr: float, grad_clip: float, device: torch.device, dtype: torch.dtype,
+               ranks: Ranks | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step at learning rate ``lr`` on ``batch``, this process's share of the step's
+    global batch (all of it in one process): the global batch's losses (``token``, ``velocity``,
+    ``voice``, ``total``, and its count of targets, ``tokens``) and the gradient norm.
+
+    ``loss`` is a :class:`BatchLoss`, wrapped in DDP under torchrun (:meth:`Ranks.wrap`). Its sums
+    are divided by the global batch's counts (all-reduced first, so ranks may hold different
+    numbers of tokens) and multiplied by the number of ranks, as DDP averages the ranks'
+    gradients: the gradient is that of the mean over all the global batch's tokens, the one a
+    single process holding the whole batch computes.
+    """
+    ranks = ranks or Ranks.one_process(device)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    mask = batch["mask"]
+    tokens, notes = ranks.sum(torch.stack((mask.sum(), (mask & batch["is_note"]).sum())))
     with autocast(device, dtype):
-        out = model(batch["dna"], batch["slots"])
-        losses = batch_losses(model, out, batch)
-    return losses, optimizer_step(model, optimizer, losses["total"], grad_clip)
+        sums = loss(batch)
+    losses = mean_losses(sums, tokens, notes)
+    grad_norm = optimizer_step(loss, optimizer, losses["total"] * ranks.world_size, grad_clip)
+    totals = ranks.sum(torch.stack([sums[k].detach() for k in LOSS_SUMS]))
+    shown = mean_losses(dict(zip(LOSS_SUMS, totals)), tokens, notes)
+    return shown | {"tokens": tokens}, grad_norm
 
 
 @torch.no_grad()
 def validation_loss(model: FieldMachine, examples: list[Example], cfg: TrainConfig,
-                    device: torch.device, dtype: torch.dtype) -> float | None:
+                    device: torch.device, dtype: torch.dtype, ranks: Ranks | None = None) -> float | None:
     """Mean next-token NLL (nats/token) over every validation token, in windows of
-    ``cfg.max_seq_len``."""
+    ``cfg.max_seq_len``. Under torchrun each rank scores its share of the batches and the sums are
+    all-reduced: every rank gets the figure of all of them."""
     if not examples:
         return None
+    ranks = ranks or Ranks.one_process(device)
 
     def scored():  # one batch's outputs at a time
-        for spans in validation_spans(examples, cfg):
+        for spans in ranks.shard(validation_spans(examples, cfg)):
             batch = collate(examples, spans, device)
             with autocast(device, dtype):
                 yield model(batch["dna"], batch["slots"]), batch
 
     model.eval()
-    loss = mean_token_loss(model, scored())
+    total, count = ranks.sum_floats(*token_loss_sums(model, scored()))
     model.train()
-    return loss
+    return total / count
 
 
 def validation_spans(examples: list[Example], cfg: TrainConfig) -> list[list[tuple[int, int, int]]]:
@@ -151,28 +191,42 @@ def validation_spans(examples: list[Example], cfg: TrainConfig) -> list[list[tup
 
 def mean_token_loss(model: torch.nn.Module, scored: Iterable[tuple[FMOutput, dict[str, torch.Tensor]]]) -> float:
     """Mean next-token NLL (nats/token) over every real target of ``(outputs, batch)`` pairs."""
-    total, count = 0.0, 0
-    for out, batch in scored:
-        n = int(batch["mask"].sum())
-        total += batch_losses(model, out, batch)["token"].item() * n
-        count += n
+    total, count = token_loss_sums(model, scored)
     return total / count
 
 
-class Trainer:
-    """Owns the run: data, model, optimizer, schedule, checkpoints and the progress display."""
+def token_loss_sums(model: torch.nn.Module, scored: Iterable[tuple[FMOutput, dict[str, torch.Tensor]]]
+                    ) -> tuple[float, int]:
+    """Summed next-token NLL (nats) over every real target of ``(outputs, batch)`` pairs, and their count."""
+    total, count = 0.0, 0
+    for out, batch in scored:
+        n = int(batch["mask"].sum())
+        if n:
+            total += batch_losses(model, out, batch)["token"].item() * n
+        count += n
+    return total, count
 
-    def __init__(self, cfg: TrainConfig, model_flags: dict) -> None:
+
+class Trainer:
+    """Owns the run: data, model, optimizer, schedule, checkpoints and the progress display.
+
+    ``ranks`` (default: torchrun's environment, else this one process) says which share of each
+    step this process trains on and whether it is rank 0, the one that saves, logs and shows
+    progress (:mod:`model.training.distributed`).
+    """
+
+    def __init__(self, cfg: TrainConfig, model_flags: dict, ranks: Ranks | None = None) -> None:
         self.cfg = cfg
+        self.ranks = ranks or ranks_from_environment(cfg.device)
         self.out = Path(cfg.out_dir)
         self.dirs = checkpoint_dirs(self.out)
-        self.device = resolve_device(cfg.device)
+        self.device = self.ranks.device
         self.dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # the same on every rank: the same batches
 
         corpus = load_corpus(cfg.midi_dir, cache_dir=cfg.cache_dir or None,
-                             use_cache=not cfg.retokenize)
+                             use_cache=not cfg.retokenize, progress=self.ranks.is_main)
         for path, reason in corpus.skipped:
             logger.warning("skipped %s: %s", path, reason)
         train_files, val_files = corpus.split(cfg.val_fraction)
@@ -213,6 +267,13 @@ class Trainer:
             best = ckpt.load_checkpoint(self.dirs.best) if self.dirs.best.exists() else None
             self.best = best.val_loss if best and best.val_loss is not None else math.inf
             logger.info("resumed from %s at step %d, epoch %d", resume.path, self.step, self.epoch)
+        if not self.ranks.same(self.step, self.epoch, self.tokenizer.vocab_size):
+            raise CheckpointError(f"{self.dirs.latest}: the ranks did not all find the same checkpoint to "
+                                  "resume from; every rank reads --out_dir, which on several machines must "
+                                  "be one shared folder")
+        if self.ranks.distributed:  # the same weights everywhere (DDP checks), dropout of its own
+            torch.manual_seed(cfg.seed + self.ranks.rank)
+        self.batch_loss = self.ranks.wrap(BatchLoss(self.model))
         self.steps_per_epoch = math.ceil(len(windows(self.train, cfg.max_seq_len, None)) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
@@ -221,8 +282,11 @@ class Trainer:
             return None
         return ckpt.load_checkpoint(self.dirs.latest)
 
-    def save(self, directory: Path, val_loss: float | None) -> Path:
-        return ckpt.save_checkpoint(
+    def save(self, directory: Path, val_loss: float | None) -> None:
+        """Save a checkpoint to ``directory`` (rank 0 only)."""
+        if not self.ranks.is_main:
+            return
+        ckpt.save_checkpoint(
             directory, model=self.model, model_config=self.model_config, tokenizer=self.tokenizer,
             step=self.step, epoch=self.epoch, val_loss=val_loss, train_config=self.cfg,
             optimizer=self.optimizer, extras=self.baselines.to_tensors(), keep=TRAINER_FILES)
@@ -234,8 +298,9 @@ class Trainer:
         tokens_seen = 0
         val = None
         interrupted = False
+        ranks = self.ranks
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   desc="training", disable=None)
+                   desc="training", disable=None if ranks.is_main else True)
         self.model.train()
         try:
             while self.epoch < cfg.epochs:
@@ -243,21 +308,23 @@ class Trainer:
                 spans = windows(examples, cfg.max_seq_len, self.rng)
                 order = self.rng.permutation(len(spans))
                 for k in range(0, len(order), cfg.batch_size):
-                    batch = collate(examples, [spans[j] for j in order[k:k + cfg.batch_size]], self.device)
-                    time_fraction = ((time.perf_counter() - started) / (60 * cfg.max_minutes)
+                    # this rank's share of the step's global batch (all of it in one process)
+                    batch = collate(examples, ranks.shard([spans[j] for j in order[k:k + cfg.batch_size]]),
+                                    self.device)
+                    time_fraction = (ranks.agree(time.perf_counter() - started) / (60 * cfg.max_minutes)
                                      if cfg.max_minutes else 0.0)
                     losses, grad_norm = train_step(
-                        self.model, self.optimizer, batch, lr=lr_at(self.step, self.total_steps, cfg, time_fraction),
-                        grad_clip=cfg.grad_clip, device=self.device, dtype=self.dtype)
+                        self.batch_loss, self.optimizer, batch,
+                        lr=lr_at(self.step, self.total_steps, cfg, time_fraction),
+                        grad_clip=cfg.grad_clip, device=self.device, dtype=self.dtype, ranks=ranks)
                     self.step += 1
-                    n = int(batch["mask"].sum())
-                    tokens_seen += n
+                    tokens_seen += int(losses["tokens"])
                     elapsed = time.perf_counter() - started
                     rate = tokens_seen / max(elapsed, 1e-9)
                     bar.update(1)
                     bar.set_postfix(epoch=self.epoch + 1, loss=f"{losses['token'].item():.3f}",
                                     val="-" if val is None else f"{val:.3f}", tok_s=f"{rate:,.0f}")
-                    if self.step % cfg.print_steps == 0:
+                    if self.step % cfg.print_steps == 0 and ranks.is_main:
                         append_log_row(self.out, {
                             "step": self.step, "epoch": self.epoch + 1, "loss": round(losses["token"].item(), 5),
                             "velocity_loss": round(losses["velocity"].item(), 5),
@@ -271,17 +338,20 @@ class Trainer:
                     if cfg.save_minutes > 0 and time.perf_counter() - last_timed > 60 * cfg.save_minutes:
                         self.save(self.dirs.timed(), val)
                         last_timed = time.perf_counter()
-                    if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
+                    # Every rank stops at the same step: on a signal to any (KeyboardInterrupt), or
+                    # when rank 0's clock says time is up.
+                    shared_elapsed = ranks.agree(elapsed)
+                    if cfg.max_minutes and shared_elapsed > 60 * cfg.max_minutes:
                         raise TimeoutError
                 self.epoch += 1
-                val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
+                val = validation_loss(self.model, self.val, cfg, self.device, self.dtype, ranks)
                 self._end_of_epoch(val)
         except KeyboardInterrupt:
             interrupted = True
             logger.warning("interrupted: saving %s", self.dirs.latest)
         except TimeoutError:
             logger.warning("--max_minutes reached: stopping")
-            val = validation_loss(self.model, self.val, cfg, self.device, self.dtype)
+            val = validation_loss(self.model, self.val, cfg, self.device, self.dtype, ranks)
             self._end_of_epoch(val, per_epoch=False)
         finally:
             bar.close()
@@ -294,8 +364,10 @@ class Trainer:
                  "precision": str(self.dtype).removeprefix("torch."),
                  "train_files": len(self.train), "val_files": self.val_files,
                  "vocab_size": self.tokenizer.vocab_size, "interrupted": interrupted,
-                 "model": asdict(self.model_config)}
-        write_json(self.out / RUN_STATS_FILE, stats)
+                 "model": asdict(self.model_config), "processes": ranks.world_size}
+        if ranks.is_main:
+            write_json(self.out / RUN_STATS_FILE, stats)
+        ranks.barrier()  # no rank leaves (torchrun would stop the rest) before rank 0 has saved
         return stats
 
     def epoch_examples(self) -> list[Example]:
