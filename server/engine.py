@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 HISTORY_TOKENS = 512  # the last tokens a stream keeps for its snapshots (re-read into another checkpoint)
 ANSWER_MARGIN = 0.02  # seconds: an answer starts this much after its lookahead from now (hand-over time)
+ANSWER_WINDOW = 0.0  # seconds past that by which the answer to played notes (their next token, a note) starts
 
 
 class EngineFull(RuntimeError):
@@ -147,6 +148,7 @@ class Stream:
     unknown_played: int = 0  # played notes the vocabulary could not hold
     epoch: int = 0  # rollbacks so far
     heard_until: float | None = None  # the session's mark of the latest played notes read
+    answer_by: int | None = None  # grid step (decoder timeline) its next note must start by: an answer
     checkpoint: Checkpoint | None = None  # live streams, once the prompt is read
     log: list[LoggedToken] = field(default_factory=list)  # tokens read after the checkpoint
     history: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))  # tokens before it (snapshots)
@@ -431,6 +433,11 @@ class Engine:
         stream.frontier = max(stream.frontier, self._beat_of_cursor(stream))
         if heard_until is not None:
             stream.heard_until = heard_until if stream.heard_until is None else max(stream.heard_until, heard_until)
+        if stream.realtime and stream.primed:  # answer quickly: the next note starts within the window
+            due = time.time() - stream.clock + stream.lookahead + ANSWER_MARGIN + ANSWER_WINDOW
+            # (at least where the played notes went in: a chord with them, when they lie later)
+            stream.answer_by = max(self.timebase.grid_from_beats(stream.timeline.beat_at(due) + stream.offset),
+                                   stream.decoder.cursor)
         return Fed(len(sequence), sequence.unknown, stream.epoch)
 
     def _rewind(self, stream: Stream, kept: list[LoggedToken], replayed: Replayed) -> None:
@@ -637,7 +644,8 @@ class Engine:
         state, out = self._rows(rows)
         results, new_state, new_out = self.generator.advance(
             state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
-            self.heard[rows], self._banned_voices(batch))
+            self.heard[rows], self._banned_voices(batch),
+            [s.answer_by for s in batch] if any(s.answer_by is not None for s in batch) else None)
         self._store(rows, new_state, new_out)
         return results
 
@@ -668,6 +676,7 @@ class Engine:
             if stream.checkpoint is not None:
                 stream.log.append(LoggedToken(result.token, result.velocity, result.voice, step))
             if result.note is not None:
+                stream.answer_by = None  # answered
                 n = result.note
                 beat = self.timebase.beats_from_steps(n.onset) - stream.offset
                 earliest = previous

@@ -39,3 +39,37 @@ def test_a_chord_holds_at_most_max_voices_notes(bar_tokenizer):
     ok = allowed(generator, decoder)
     assert bar_tokenizer.index[TokenKey(NOTE, 79, 5, 18)] not in ok
     assert bar_tokenizer.index[TokenKey(NOTE, 79, 5, 24)] in ok
+
+
+def test_an_answer_is_a_note_that_starts_by_its_limit(bar_tokenizer):
+    grammar = GrammarMask(bar_tokenizer, torch.device("cpu"))
+    decoder = StreamDecoder(bar_tokenizer)
+    decoder.push(bar_tokenizer.index[TokenKey(BAR, 4, 4, 0)])
+    decoder.push(bar_tokenizer.index[TokenKey(NOTE, 60, 5, 12)])  # a played note at position 12
+    late = grammar.answer([decoder, decoder], [18, None])
+    hurried = set(np.nonzero(~(late[0] | grammar([decoder])[0]).numpy())[0].tolist())
+    note = lambda p, c: bar_tokenizer.index[TokenKey(NOTE, p, 5, c)]
+    assert note(64, 12) in hurried and note(64, 18) in hurried  # a chord with it, or the next eighth
+    assert note(64, 24) not in hurried  # later than the limit
+    assert bar_tokenizer.index[TokenKey(REST, -1, 5, 18)] not in hurried  # a note, not a rest
+    assert bar_tokenizer.index[TokenKey(BAR, 4, 4, 0)] not in hurried
+    assert not late[1].any()  # a stream without a limit is left alone
+    assert grammar.answer([decoder], [None]) is None
+    assert not grammar.answer([decoder], [6])[0].any()  # the cursor is past the limit: nothing to hurry
+
+
+def test_an_answer_the_grammar_leaves_no_note_for_falls_back_to_the_grammar(bar_tokenizer):
+    """``answer_logits`` keeps a stream's logits when the answer mask would leave it nothing."""
+    from model.generation.generator import BatchGenerator
+
+    grammar = GrammarMask(bar_tokenizer, torch.device("cpu"))
+    decoder = StreamDecoder(bar_tokenizer)
+    decoder.push(bar_tokenizer.index[TokenKey(BAR, 4, 4, 0)])
+    decoder.push(bar_tokenizer.index[TokenKey(NOTE, 60, 5, 12)])
+    holder = type("Holder", (), {"grammar": grammar})()
+    logits = torch.zeros((2, bar_tokenizer.vocab_size)).masked_fill(grammar([decoder, decoder]), float("-inf"))
+    logits[:, :len(SPECIAL_KINDS)] = float("-inf")  # never sampled (the generator bans them)
+    logits[1, [bar_tokenizer.index[TokenKey(NOTE, p, 5, c)] for p in range(55, 80) for c in (12, 18)]] = float("-inf")
+    out = BatchGenerator.answer_logits(holder, logits.clone(), [decoder, decoder], [18, 18])
+    assert torch.isinf(out[0]).any() and torch.isfinite(out[0]).sum() == 2 * 25  # only the hurried notes
+    assert torch.equal(out[1], logits[1])  # no hurried note left: unchanged

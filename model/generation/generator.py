@@ -119,17 +119,21 @@ class BatchGenerator:
     @torch.no_grad()
     def advance(self, state: FieldState, out: FMOutput, decoders: list[StreamDecoder],
                 sampling: list[SamplingConfig], steps: list[int],
-                heard: torch.Tensor | None = None, banned_voices: torch.Tensor | None = None
-                ) -> tuple[list[StreamStep], FieldState, FMOutput]:
+                heard: torch.Tensor | None = None, banned_voices: torch.Tensor | None = None,
+                answer_by: list[int | None] | None = None) -> tuple[list[StreamStep], FieldState, FMOutput]:
         """Sample every stream's next token from ``out`` and feed it back: one batched step.
 
         ``steps`` are the per-stream counters that, with each stream's seed, fix its randomness.
         ``heard``: ``(B, 12)`` pitch-class counts of what each stream heard (:meth:`heard`), which
         its ``key_pull`` leans toward; ``None``: nothing heard, no pull. ``banned_voices``:
         ``(B, max_voices)`` bool, True where a stream never plays a voice; ``None``: none banned.
+        ``answer_by``: per stream, the grid step its next note must start by (an answer to played
+        notes, :meth:`GrammarMask.answer`), or None.
         """
         batch = SamplingBatch.from_configs(sampling, steps, device=self.device)
         logits = self.allowed_logits(out, decoders, batch, heard)
+        if answer_by is not None:
+            logits = self.answer_logits(logits, decoders, answer_by)
         tokens = sample(logits, batch)
         results = self.push(tokens, *self.note_parts(tokens, out, batch, banned_voices), decoders)
         new_out, new_state = self.feed(state, results, decoders)
@@ -149,6 +153,17 @@ class BatchGenerator:
                                                  self.pitch_class_rows)
         logits[:, self.banned] = float("-inf")
         return logits.masked_fill_(self.grammar(decoders), float("-inf"))
+
+    def answer_logits(self, logits: torch.Tensor, decoders: list[StreamDecoder], answer_by: list[int | None]
+                      ) -> torch.Tensor:
+        """``logits`` with the tokens that would answer later than ``answer_by`` masked, in the
+        streams where some allowed token remains (elsewhere the answer cannot be hurried)."""
+        late = self.grammar.answer(decoders, answer_by)
+        if late is None:
+            return logits
+        hurried = logits.masked_fill(late, float("-inf"))
+        feasible = torch.isfinite(hurried).any(dim=1, keepdim=True)
+        return torch.where(feasible, hurried, logits)
 
     def note_parts(self, tokens: torch.Tensor, out: FMOutput, batch: SamplingBatch,
                    banned_voices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.tokenizer import Tokenizer
-from model.tokenizer.vocabulary import NOTE, REST
+from model.tokenizer.vocabulary import BAR, NOTE, REST
 
 MAX_ORDER_ROWS = 4096  # cached grammar-mask rows (16 KB each for a 16k vocabulary)
 
@@ -33,6 +33,8 @@ class GrammarMask:
         positions = np.array([tokenizer.vocab[t].c for t in ids.tolist()], dtype=np.int64)
         self.token_position = torch.from_numpy(np.where(timed, positions, -1)).to(device)
         self.is_note = torch.from_numpy(kinds == NOTE).to(device)
+        self.is_bar = torch.from_numpy(kinds == BAR).to(device)
+        self.is_rest = torch.from_numpy(kinds == REST).to(device)
         self._rows: dict[tuple[int, int, bool], torch.Tensor] = {}
 
     def __call__(self, decoders: list[StreamDecoder]) -> torch.Tensor:
@@ -51,6 +53,23 @@ class GrammarMask:
                 row = self._rows[key] = self._row(*key)
             rows.append(row)
         return torch.stack(rows)
+
+    def answer(self, decoders: list[StreamDecoder], until: list[int | None]) -> torch.Tensor | None:
+        """``(B, V)`` True for every token but a NOTE starting by ``until`` (a grid step on its
+        decoder's timeline; None: no limit): the next token is the answer to played notes, a note
+        that starts by then. Streams whose limit no note can meet (the cursor is past it) are left
+        alone. None when no stream has a limit."""
+        if all(u is None for u in until):
+            return None
+        position = self.token_position
+        masks = []
+        for d, limit in zip(decoders, until):
+            row = torch.zeros_like(self.is_note)
+            if limit is not None and d.bar >= 0 and d.cursor <= limit:
+                room = limit - d.bar_start  # positions in this bar the answer may take
+                row = (position > room) | self.is_bar | self.is_rest  # a note, by then
+            masks.append(row)
+        return torch.stack(masks)
 
     def _row(self, now: int, bar_length: int, chord_full: bool) -> torch.Tensor:
         position = self.token_position
