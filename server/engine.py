@@ -35,6 +35,13 @@ notes arrive, the generated tokens after the latest sent note are dropped, the s
 the checkpoint, the kept tokens and the played notes are read again in one parallel pass, and
 generation goes on from there (its notes start no earlier than ``lookahead`` from now, so none is
 late). The checkpoint moves forward (:meth:`Engine._fold`) once enough sent tokens have piled up.
+The token after played notes is the answer: a note that starts by the lookahead (plus
+``ANSWER_MARGIN``) from then, or with the played notes (``Stream.answer_by``, the generator's
+answer mask).
+
+Snapshots (:mod:`server.snapshot`): :meth:`Engine.capture` copies a live stream's rows now and at its
+checkpoint, its decoders, log and last tokens; :meth:`Engine.restore` puts them in a free row exactly
+as they were (the same checkpoint), or reads the last tokens again from an empty field (another one).
 """
 
 from __future__ import annotations
