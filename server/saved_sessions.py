@@ -97,7 +97,7 @@ class SavedSessions:
             raise SnapshotError("the session has no stream yet")
         captured = await self.registry.engine.capture(stream)
         # the notes generated before the capture and not sent (later ones may have arrived meanwhile)
-        unsent = [note for _, _, note in session.pending
+        unsent = [note for _, _, note in sorted(session.pending)  # in the order they would leave
                   if note.step < captured.live.steps and note.epoch >= session.epoch]
         return SessionSnapshot(pending=notes_array(unsent), checkpoint=self.digest, session_id=session.id, saved_at=time.time(),
                                sampling=stream.sampling, timeline=stream.timeline, stream=captured,

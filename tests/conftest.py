@@ -44,6 +44,20 @@ def run_module(module: str, *args: str, timeout: float = 600) -> "subprocess.Com
                           timeout=timeout)
 
 
+def wait_for_training_steps(proc: "subprocess.Popen", log: Path, steps: int = 3) -> None:
+    """Wait until a trainer started as ``proc`` has logged ``steps`` steps to ``log`` (or ended, which
+    the caller's assertions report); kill it if that never comes."""
+    from tests.waiting import wait_for
+
+    try:
+        wait_for(lambda: proc.poll() is not None or (log.exists() and len(log.read_text().splitlines()) > steps),
+                 300, f"{steps} training steps in the log", interval=0.2)
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A small model trained for 12 epochs on :func:`tiny_corpus`; returns the run folder."""

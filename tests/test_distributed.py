@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from model.checkpoint.format import load_checkpoint
 from model.training.batches import collate
 from model.training.distributed import Ranks, ranks_from_environment
-from tests.conftest import REPO, tiny_corpus
-from tests.waiting import wait_for
+from tests.conftest import REPO, tiny_corpus, wait_for_training_steps
 
 # Per-step losses and gradient norms of two processes against one, in fp32: the same sums, added in
 # another order (they agree to the log's 5 and 4 decimals).
@@ -157,14 +156,7 @@ def test_a_signal_to_torchrun_saves_latest_and_stops_every_rank(tmp_path, sig):
     proc = subprocess.Popen(torchrun(2) + train_args(corpus, out, tmp_path / "cache", "--epochs", "100000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     log = out / "training_log.csv"
-    try:
-        # a header and three logged steps (or the run ended early, which the assertions report)
-        wait_for(lambda: proc.poll() is not None or (log.exists() and len(log.read_text().splitlines()) > 3), 300,
-                 "three training steps in the log", interval=0.2)
-    except AssertionError:
-        proc.kill()
-        proc.communicate()
-        raise
+    wait_for_training_steps(proc, log)  # a header and three logged steps
     assert proc.poll() is None, f"training ended before the signal: {proc.communicate()[1][-2000:]}"
     proc.send_signal(sig)  # torchrun passes it on to both ranks
     _, err = proc.communicate(timeout=120)

@@ -95,20 +95,27 @@ def test_bad_snapshot_starts_get_an_error_frame(live_server, start, code):
         start_session(ws, seed=1)  # the connection carries on: a good start still works
 
 
-def test_a_damaged_bookmark_gets_a_clear_error(live_server):
-    """Bytes under a bookmark's key that are not a snapshot (a damaged store) are refused by name."""
+def stored_bookmark(live_server, seed: int):
+    """A bookmark of a short session: its id, the server's bookmark store and the stored bytes."""
     import asyncio
 
     with live_server.connect() as ws:
-        start_session(ws, seed=74, bpm=FAST)
+        start_session(ws, seed=seed, bpm=FAST)
         collect_notes(ws, 4)
         ws.send(json.dumps({"type": "snapshot"}))
         mark = receive_until(ws, "snapshot")
     store = live_server.server.config.app.state.registry.saved.bookmarks
-    data = asyncio.run(store.get(BOOKMARK_PREFIX + mark["id"]))
-    asyncio.run(store.put(BOOKMARK_PREFIX + mark["id"], data[: len(data) // 3], 60))
+    return mark["id"], store, asyncio.run(store.get(BOOKMARK_PREFIX + mark["id"]))
+
+
+def test_a_damaged_bookmark_gets_a_clear_error(live_server):
+    """Bytes under a bookmark's key that are not a snapshot (a damaged store) are refused by name."""
+    import asyncio
+
+    bookmark, store, data = stored_bookmark(live_server, 74)
+    asyncio.run(store.put(BOOKMARK_PREFIX + bookmark, data[: len(data) // 3], 60))
     with live_server.connect() as ws:
-        ws.send(json.dumps({"type": "start", "snapshot": mark["id"]}))
+        ws.send(json.dumps({"type": "start", "snapshot": bookmark}))
         error = receive_until(ws, "error")
         assert error["code"] == "bad_snapshot" and "cannot be read" in error["message"]
 
@@ -237,13 +244,7 @@ def test_a_snapshot_of_a_format_this_server_does_not_read_gets_a_clear_error(liv
 
     from tests.snapshot_bytes import set_key, with_metadata
 
-    with live_server.connect() as ws:
-        start_session(ws, seed=77, bpm=FAST)
-        collect_notes(ws, 4)
-        ws.send(json.dumps({"type": "snapshot"}))
-        mark = receive_until(ws, "snapshot")
-    store = live_server.server.config.app.state.registry.saved.bookmarks
-    data = asyncio.run(store.get(BOOKMARK_PREFIX + mark["id"]))
+    _, store, data = stored_bookmark(live_server, 77)
     asyncio.run(store.put(BOOKMARK_PREFIX + "from-the-future", with_metadata(data, set_key("format", 99)), 60))
     with live_server.connect() as ws:
         ws.send(json.dumps({"type": "start", "snapshot": "from-the-future"}))

@@ -10,8 +10,7 @@ import sys
 
 from model.checkpoint.format import load_checkpoint
 from model.tokenizer.vocabulary import NOTE
-from tests.conftest import run_module, tiny_corpus
-from tests.waiting import wait_for
+from tests.conftest import run_module, tiny_corpus, wait_for_training_steps
 
 
 def test_training_writes_the_checkpoint_set(tiny_run):
@@ -70,14 +69,7 @@ def test_interrupt_saves_latest_and_exits_cleanly(tmp_path):
          "--print_steps", "1", "--cache_dir", str(tmp_path / "c")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "training_log.csv"
-    try:
-        # a header and three logged steps (or the trainer ended early, which the assertions report)
-        wait_for(lambda: proc.poll() is not None or (log.exists() and len(log.read_text().splitlines()) > 3), 300,
-                 "three training steps in the log", interval=0.2)
-    except AssertionError:
-        proc.kill()
-        proc.communicate()
-        raise
+    wait_for_training_steps(proc, log)  # a header and three logged steps
     assert proc.poll() is None, f"the trainer ended before the interrupt: {proc.communicate()[1][-2000:]}"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
