@@ -567,7 +567,7 @@ class Engine:
 
         Played notes of running streams go first (a quick answer), then prompts, taking turns: the
         order rotates every call, so a long prompt never holds up a short one for long."""
-        budget = self.input_chunk
+        budget = self.input_chunk - self._read_played_together()
         streams = list(self.streams.values())
         if streams:
             turn = self._input_turn % len(streams)
@@ -601,6 +601,28 @@ class Engine:
             if stream.ready_future is not None:
                 self._post(_settle, stream.ready_future, None, False)
         return budget < self.input_chunk
+
+    def _read_played_together(self) -> int:
+        """Read the played notes of every running stream that has some (each one short chunk) in
+        one padded pass, so that many answers cost one read; returns the tokens read."""
+        playing = [s for s in self.streams.values()
+                   if s.primed and len(s.pending) == 1 and not s.failed and len(s.pending[0][1]) <= self.input_chunk]
+        while sum(len(s.pending[0][1]) for s in playing) > self.input_chunk:
+            playing.pop()
+        if len(playing) < 2:
+            return 0
+        rows = torch.tensor([s.slot for s in playing], device=self.device)
+        state, _ = self._rows(rows)
+        try:
+            new_state, last = self.generator.read_many(state, [s.pending[0] for s in playing])
+        except Exception:  # read them one by one (a stream whose input fails, fails alone)
+            logger.exception("reading the played notes of %d streams together failed", len(playing))
+            return 0
+        self._store(rows, new_state, last)
+        read = sum(len(s.pending[0][1]) for s in playing)
+        for stream in playing:
+            stream.pending.clear()
+        return read
 
     def _read_chunk(self, stream: Stream, floats: np.ndarray, slots: np.ndarray) -> None:
         rows = torch.tensor([stream.slot], device=self.device)

@@ -209,3 +209,23 @@ def test_factored_head_shares_rows_and_keeps_the_step_exact():
     with torch.no_grad():
         parallel = model(dna, slots).logits
     close(step_through(model, dna, slots), parallel)
+
+
+@pytest.mark.parametrize("variant", list(LAYER_COUNTS.values()), ids=list(LAYER_COUNTS))
+def test_rows_of_different_lengths_read_together_end_where_each_ends(variant):
+    """``lengths``: right-padded rows read in one pass give each row's own state and last output
+    (how the server reads several streams' played notes at once)."""
+    model = make_model(variant).eval()
+    dna, slots = random_tokens(3, 12)
+    with torch.no_grad():
+        start_out, start = model(dna[:, :5], slots[:, :5], return_state=True)
+        lengths = torch.tensor([7, 2, 4])
+        out, state = model(dna[:, 5:], slots[:, 5:], start=start, return_state=True, lengths=lengths)
+        last = out.last(lengths)
+        for row, length in enumerate(lengths.tolist()):
+            alone = FieldState(start.field[row:row + 1], start.position[row:row + 1])
+            own_out, own = model(dna[row:row + 1, 5:5 + length], slots[row:row + 1, 5:5 + length], start=alone,
+                                 return_state=True)
+            assert int(state.position[row]) == 5 + length
+            torch.testing.assert_close(state.field[row], own.field[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(last.logits[row], own_out.last().logits[0], rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from model.fm.field import FieldCode
@@ -48,11 +49,12 @@ class FieldLayer(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x.to(self.mlp_norm.weight.dtype))))
 
     def forward(self, x: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,
-                start: Tensor | None) -> tuple[Tensor, Tensor]:
+                start: Tensor | None, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Parallel pass over (B, T, width); returns the new stream and the field after the last
-        position (B, F)."""
+        position (B, F): position ``last`` (B,) of each row where given (right-padded rows)."""
         field = code.accumulate(self.coded(x, code.position_code(positions, sin_cos)), start)
-        return self.update(x, field, positions, sin_cos, code), field[:, -1]
+        end = field[:, -1] if last is None else field[torch.arange(field.shape[0], device=field.device), last]
+        return self.update(x, field, positions, sin_cos, code), end
 
     def step(self, x: Tensor, position: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,
              field: Tensor) -> tuple[Tensor, Tensor]:

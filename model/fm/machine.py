@@ -79,7 +79,8 @@ class FieldMachine(nn.Module):
 
     # ----------------------------------------------------------------- training
     def forward(self, dna: Tensor, voice_slots: Tensor, *, start: FieldState | None = None,
-                return_state: bool = False) -> FMOutput | tuple[FMOutput, FieldState]:
+                return_state: bool = False, lengths: Tensor | None = None
+                ) -> FMOutput | tuple[FMOutput, FieldState]:
         """Parallel pass over (B, T) sequences.
 
         ``dna`` (B, T, 7), ``voice_slots`` (B, T). Each row starts at position 0 with an empty
@@ -87,7 +88,8 @@ class FieldMachine(nn.Module):
         processed in chunks with the same result. Sequences of different lengths are padded on
         the right: padding only adds to the field after a sequence's last real token, so it never
         reaches a real position (mask it out of the loss). Output at t predicts token t+1.
-        With ``return_state``, also the :class:`FieldState` after the last position of each row.
+        With ``return_state``, also the :class:`FieldState` after the last position of each row, or
+        after its first ``lengths`` (B,) positions where given (rows of different lengths read together).
         """
         batch, length = voice_slots.shape
         x = self.embed(dna, voice_slots)  # (B, T, width or D)
@@ -95,22 +97,26 @@ class FieldMachine(nn.Module):
         if start is not None:
             positions = start.position.unsqueeze(1) + positions  # (B, T)
         sin_cos = self.code.sin_cos(positions)
+        last = None if lengths is None else lengths - 1
         if self.config.field_layers:
             starts = self.split_field(start.field) if start is not None else (None,) * len(self.layers)
             ends = []
             for layer, begin in zip(self.layers, starts):
-                x, end = layer(x, positions, sin_cos, self.code, begin)
+                x, end = layer(x, positions, sin_cos, self.code, begin, last)
                 ends.append(end)
             hidden, end_field = self.norm(x.to(self.norm.weight.dtype)), torch.cat(ends, dim=-1)
         else:
             coded = x.float() * self.code.position_code(positions, sin_cos)
             field = self.code.accumulate(coded, None if start is None else start.field)
-            hidden, end_field = self.decoder(self.readout(field, positions, x, sin_cos)), field[:, -1]
+            rows = torch.arange(batch, device=field.device)
+            hidden = self.decoder(self.readout(field, positions, x, sin_cos))
+            end_field = field[:, -1] if last is None else field[rows, last]
         out = self.heads(hidden)
         if not return_state:
             return out
-        end = start.position + length if start is not None else torch.full(
-            (batch,), length, dtype=torch.int64, device=end_field.device)
+        read = length if lengths is None else lengths
+        end = start.position + read if start is not None else torch.zeros(
+            batch, dtype=torch.int64, device=end_field.device) + read
         return out, FieldState(end_field.contiguous(), end)
 
     # ----------------------------------------------------------------- generation

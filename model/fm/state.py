@@ -39,9 +39,13 @@ class FMOutput:
     logits: Tensor  # (..., V) next token
     hidden: Tensor  # (..., width) the decoder's state, for the model's ``note_logits``
 
-    def last(self) -> "FMOutput":
-        """The outputs at the last position of ``(B, T, ...)`` outputs: ``(B, ...)``."""
-        return FMOutput(self.logits[:, -1], self.hidden[:, -1])
+    def last(self, lengths: Tensor | None = None) -> "FMOutput":
+        """The outputs at the last position of ``(B, T, ...)`` outputs: ``(B, ...)`` (at position
+        ``lengths - 1`` of each row where given)."""
+        if lengths is None:
+            return FMOutput(self.logits[:, -1], self.hidden[:, -1])
+        rows = torch.arange(len(lengths), device=self.logits.device)
+        return FMOutput(self.logits[rows, lengths - 1], self.hidden[rows, lengths - 1])
 
 
 def stack_states(states: list[FieldState]) -> FieldState:

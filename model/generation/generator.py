@@ -99,6 +99,22 @@ class BatchGenerator:
         return new_state, out.last()
 
     @torch.no_grad()
+    def read_many(self, state: FieldState, chunks: list[tuple[np.ndarray, np.ndarray]]
+                  ) -> tuple[FieldState, FMOutput]:
+        """Read one chunk of tokens per stream, of different lengths, in one parallel pass: each
+        ``(T_i, 7)`` DNA with ``(T_i,)`` slots, right-padded; the states and outputs after each
+        stream's own last token."""
+        lengths = np.array([len(slots) for _, slots in chunks])
+        floats = np.zeros((len(chunks), lengths.max(), chunks[0][0].shape[-1]), dtype=chunks[0][0].dtype)
+        slots = np.zeros((len(chunks), lengths.max()), dtype=chunks[0][1].dtype)
+        for i, (f, s) in enumerate(chunks):
+            floats[i, : len(s)], slots[i, : len(s)] = f, s
+        dna, slot = self.tensors(floats, slots)
+        read = torch.from_numpy(lengths).to(self.device)
+        out, new_state = self.model(dna, slot, start=state, return_state=True, lengths=read)
+        return new_state, out.last(read)
+
+    @torch.no_grad()
     def prime(self, prompt: TokenSequence | None) -> tuple[FieldState, FMOutput, StreamDecoder]:
         """Read a prompt (BOS is added if missing; EOS dropped) in one parallel pass.
 
