@@ -64,7 +64,7 @@ from model.generation.generator import BatchGenerator, StreamStep, decoder_for, 
 from model.generation.key_pull import PITCH_CLASSES
 from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
-from model.tokenizer.portable import from_first_bar, from_portable, to_portable
+from model.tokenizer.portable import PORTABLE_COLUMNS, from_first_bar, from_portable, to_portable
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.vocabulary import TokenizerError
 from model.tokenizer.tokenizer import Tokenizer
@@ -80,7 +80,6 @@ logger = logging.getLogger(__name__)
 
 HISTORY_TOKENS = 512  # the last tokens a stream keeps for its snapshots (re-read into another checkpoint)
 ANSWER_MARGIN = 0.02  # seconds: an answer starts this much after its lookahead from now (hand-over time)
-ANSWER_WINDOW = 0.0  # seconds past that by which the answer to played notes (their next token, a note) starts
 
 
 class EngineFull(RuntimeError):
@@ -292,9 +291,13 @@ class Engine:
         return await self._call(self._feed, stream, notes, heard_until)
 
     async def capture(self, stream: Stream) -> StreamSnapshot:
-        """Where a live stream stands at its latest sent note, for a snapshot (raises
-        :class:`SnapshotError` before its prompt has been read)."""
-        return await self._call(self._capture, stream)
+        """Where a live stream stands, for a snapshot (raises :class:`SnapshotError` before its
+        prompt has been read). The engine thread only copies; its last tokens are made portable
+        in a worker thread."""
+        snap, record, cursor, complete = await self._call(self._capture, stream)
+        snap.history, snap.history_beat = await asyncio.to_thread(
+            portable_history, self.tokenizer, record, cursor, snap.offset, snap.live.frontier, complete)
+        return snap
 
     async def restore(self, snapshot: StreamSnapshot, *, same_model: bool, sampling: SamplingConfig,
                       timeline: Timeline, sink: Callable[[list[StreamNote]], None],
@@ -342,31 +345,25 @@ class Engine:
         stream.pending = [(floats, slots)]
         self.streams[stream.id] = stream
 
-    def _capture(self, stream: Stream) -> StreamSnapshot:
+    def _capture(self, stream: Stream) -> tuple[StreamSnapshot, np.ndarray, int, bool]:
+        """The stream's rows, decoders and log copied (its ``history`` left for :func:`portable_history`),
+        with the ids of its last tokens, its cursor, and whether those tokens are its whole record."""
         if stream.closed or stream.failed:
             raise SnapshotError("the stream has ended")
         if stream.checkpoint is None or stream.pending:
             raise SnapshotError("nothing to save yet: the prompt or played notes are still being read")
-        tok, row = self.tokenizer, stream.slot
+        row = stream.slot
         copy = lambda rows: {name: getattr(self, f"{rows}{name}")[row].detach().to("cpu", copy=True)
                              for name in ROW_NAMES}
         checkpoint = stream.checkpoint
         live = Place(copy(""), stream.decoder.state(), stream.steps, stream.frontier)
         saved = Place(copy("saved_"), checkpoint.decoder.state(), checkpoint.steps, checkpoint.frontier)
         log = np.asarray(stream.log, dtype=np.int64).reshape(-1, 4)
+        snap = StreamSnapshot(live=live, saved=saved, offset=stream.offset, clock=stream.clock, log=log,
+                              sent_step=stream.sent_step, history=np.zeros((0, PORTABLE_COLUMNS), np.float32),
+                              history_beat=stream.frontier, heard_until=stream.heard_until)
         record = np.concatenate([stream.history, log[:, :3]])
-        portable = to_portable(tok, record[:, 0], record[:, 1], record[:, 2])
-        history = from_first_bar(portable)
-        if len(history):  # where its first bar starts: the stream's cursor less the history's own
-            fresh = decoder_for(tok, from_portable(tok, history))
-            history_beat = self.timebase.beats_from_grid(stream.decoder.cursor - fresh.cursor) - stream.offset
-        elif len(stream.history) < HISTORY_TOKENS:  # the whole stream, before any bar line: from its start
-            history, history_beat = portable, -stream.offset
-        else:
-            history_beat = stream.frontier
-        return StreamSnapshot(live=live, saved=saved, offset=stream.offset, clock=stream.clock, log=log,
-                              sent_step=stream.sent_step, history=history, history_beat=history_beat,
-                              heard_until=stream.heard_until)
+        return snap, record, stream.decoder.cursor, len(stream.history) < HISTORY_TOKENS
 
     def _restore(self, stream: Stream, snap: StreamSnapshot, same_model: bool) -> None:
         if not self._free:
@@ -440,8 +437,8 @@ class Engine:
         stream.frontier = max(stream.frontier, self._beat_of_cursor(stream))
         if heard_until is not None:
             stream.heard_until = heard_until if stream.heard_until is None else max(stream.heard_until, heard_until)
-        if stream.realtime and stream.primed:  # answer quickly: the next note starts within the window
-            due = time.time() - stream.clock + stream.lookahead + ANSWER_MARGIN + ANSWER_WINDOW
+        if stream.realtime and stream.primed:  # the answer, its next token, is a note starting by then
+            due = time.time() - stream.clock + stream.lookahead + ANSWER_MARGIN
             # (at least where the played notes went in: a chord with them, when they lie later)
             stream.answer_by = max(self.timebase.grid_from_beats(stream.timeline.beat_at(due) + stream.offset),
                                    stream.decoder.cursor)
@@ -451,8 +448,9 @@ class Engine:
         """Put a live stream back at its checkpoint with only the ``kept`` log (the caller queues
         their DNA to be read again): the generated tokens after them are void (a new epoch)."""
         row = stream.slot
-        for name in ROW_NAMES[:2] + ROW_NAMES[3:]:
-            getattr(self, name)[row] = getattr(self, f"saved_{name}")[row]
+        for name in ROW_NAMES:
+            if name != "heard":  # the heard counts: those at the checkpoint plus the kept played notes
+                getattr(self, name)[row] = getattr(self, f"saved_{name}")[row]
         self.heard[row] = self.saved_heard[row] + torch.from_numpy(
             self.generator.heard(played_ids(kept))).to(self.device)
         stream.decoder = replayed.decoder
@@ -741,6 +739,22 @@ class Engine:
         for stream in finished:
             if stream.on_done is not None:
                 stream.on_done()
+
+
+def portable_history(tokenizer: Tokenizer, record: np.ndarray, cursor: int, offset: float, frontier: float,
+                     complete: bool) -> tuple[np.ndarray, float]:
+    """A stream's last tokens (``record``: ``(N, 3)`` ids, velocity levels, voices, ending where its
+    decoder's ``cursor`` stands) as portable rows from their first bar line, and the stream beat
+    where that bar starts. Without a bar line: all of them from the stream's start if ``complete``
+    (its whole record), else none."""
+    portable = to_portable(tokenizer, record[:, 0], record[:, 1], record[:, 2])
+    history = from_first_bar(portable)
+    if len(history):  # where its first bar starts: the stream's cursor less the history's own
+        fresh = decoder_for(tokenizer, from_portable(tokenizer, history))
+        return history, tokenizer.timebase.beats_from_grid(cursor - fresh.cursor) - offset
+    if complete:  # the whole stream, before any bar line: from its start
+        return portable, -offset
+    return history, frontier
 
 
 def _history_rows(ids: np.ndarray, velocity: np.ndarray, voice: np.ndarray,

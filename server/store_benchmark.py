@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import sys
 import time
 from dataclasses import replace
 
 import torch
 
+from model.runtime import machine
 from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
 from server.config import ServerConfig
@@ -34,21 +33,6 @@ from server.session import Session, SessionRegistry
 from server.store import open_store
 
 SEND_EVERY = 0.02  # seconds between the stand-in senders' rounds
-
-
-def machine_line() -> str:
-    flags = set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    vector = ",".join(sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))) or "-"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags {vector}, "
-            f"torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} threads")
 
 
 def histogram(metric) -> tuple[float, float]:
@@ -137,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     served = ServedModel(config)
-    print(f"machine     {machine_line()}")
+    print(f"machine     {machine.line()}; torch {torch.__version__}, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
     print(f"checkpoint  {served.path} ({served.parameters:,} parameters, {str(served.dtype).removeprefix('torch.')}); "
           f"{args.sessions} sessions, {args.seconds:g} s a phase, snapshots every {args.snapshot_seconds:g} s")
     rows = {}

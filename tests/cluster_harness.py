@@ -169,13 +169,29 @@ def redis_server(timeout: float = 30.0, log_dir: Path | None = None) -> Iterator
 
 # ----------------------------------------------------------------------------- FM Server
 
-class ServerProcess:
-    """A running ``python -m server``: its port, pid and URLs, and ways to end it."""
+class LoopbackProcess:
+    """A process serving HTTP and WebSockets on a loopback port, logging to a file."""
 
     def __init__(self, process: subprocess.Popen, port: int, log: Path) -> None:
         self.process = process
         self.port = port
         self.log_path = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        """What it wrote to stdout and stderr so far (the end of it)."""
+        return tail(self.log_path)
+
+
+class ServerProcess(LoopbackProcess):
+    """A running ``python -m server``: its port, pid and URLs, and ways to end it."""
 
     @property
     def pid(self) -> int:
@@ -186,20 +202,8 @@ class ServerProcess:
         """``127.0.0.1:P``, as a proxy's backend list takes it."""
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
     def alive(self) -> bool:
         return self.process.poll() is None
-
-    def log(self) -> str:
-        """What the server wrote to stdout and stderr so far (the end of it)."""
-        return tail(self.log_path)
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
         """Polls ``GET /health`` until it answers 200; fails with the server's output if it exits first."""
@@ -258,27 +262,14 @@ def replica_slots(cfg: Path = HAPROXY_CFG) -> int:
     return len(set(re.findall(r"\bFM_REPLICA_(\d+)\b", cfg.read_text())))
 
 
-class Proxy:
+class Proxy(LoopbackProcess):
     """A running HAProxy: its port, and how it sees each replica (from its stats page)."""
 
     def __init__(self, process: subprocess.Popen, port: int, stats_port: int, backends: list[str],
                  log: Path) -> None:
-        self.process = process
-        self.port = port
+        super().__init__(process, port, log)
         self.stats_port = stats_port
         self.backends = backends
-        self.log_path = log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def log(self) -> str:
-        return tail(self.log_path)
 
     def states(self) -> dict[str, str]:
         """Each backend address as given -> HAProxy's status for it: "UP", "DOWN", "UP 1/2" (going

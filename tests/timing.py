@@ -10,32 +10,18 @@ note arrives, in order, silenced at the end) and hands the figures to the ``timi
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from model.runtime.machine import describe
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 def machine() -> dict:
-    """What the figures were measured on: CPU model and vector extensions, cores, load average."""
-    model, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and model is None:
-                model = value
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux: the platform module's description is what there is
-        pass
-    avx512 = sorted(f for f in flags if f.startswith("avx512"))
-    return {"cpu_model": model or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "avx512": bool(avx512), "avx512_flags": avx512, "avx2": "avx2" in flags,
-            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "python": platform.python_version(), "platform": platform.platform()}
+    """What the figures were measured on (:func:`model.runtime.machine.describe`)."""
+    return describe()
 
 
 def spread(values: list[float]) -> dict:
