@@ -64,7 +64,7 @@ from model.generation.generator import BatchGenerator, StreamStep, decoder_for, 
 from model.generation.key_pull import PITCH_CLASSES
 from model.sampling.config import SamplingConfig
 from model.timebase import Timeline
-from model.tokenizer.portable import PORTABLE_COLUMNS, from_first_bar, from_portable, to_portable
+from model.tokenizer.portable import from_first_bar, from_portable, to_portable
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.vocabulary import TokenizerError
 from model.tokenizer.tokenizer import Tokenizer
@@ -292,12 +292,8 @@ class Engine:
 
     async def capture(self, stream: Stream) -> StreamSnapshot:
         """Where a live stream stands, for a snapshot (raises :class:`SnapshotError` before its
-        prompt has been read). The engine thread only copies; its last tokens are made portable
-        in a worker thread."""
-        snap, record, cursor, complete = await self._call(self._capture, stream)
-        snap.history, snap.history_beat = await asyncio.to_thread(
-            portable_history, self.tokenizer, record, cursor, snap.offset, snap.live.frontier, complete)
-        return snap
+        prompt has been read)."""
+        return await self._call(self._capture, stream)
 
     async def restore(self, snapshot: StreamSnapshot, *, same_model: bool, sampling: SamplingConfig,
                       timeline: Timeline, sink: Callable[[list[StreamNote]], None],
@@ -345,9 +341,9 @@ class Engine:
         stream.pending = [(floats, slots)]
         self.streams[stream.id] = stream
 
-    def _capture(self, stream: Stream) -> tuple[StreamSnapshot, np.ndarray, int, bool]:
-        """The stream's rows, decoders and log copied (its ``history`` left for :func:`portable_history`),
-        with the ids of its last tokens, its cursor, and whether those tokens are its whole record."""
+    def _capture(self, stream: Stream) -> StreamSnapshot:
+        """The stream's rows, decoders and log copied, and its last tokens made portable (here: in
+        worker threads the conversion only fights the engine thread for the GIL)."""
         if stream.closed or stream.failed:
             raise SnapshotError("the stream has ended")
         if stream.checkpoint is None or stream.pending:
@@ -359,11 +355,12 @@ class Engine:
         live = Place(copy(""), stream.decoder.state(), stream.steps, stream.frontier)
         saved = Place(copy("saved_"), checkpoint.decoder.state(), checkpoint.steps, checkpoint.frontier)
         log = np.asarray(stream.log, dtype=np.int64).reshape(-1, 4)
-        snap = StreamSnapshot(live=live, saved=saved, offset=stream.offset, clock=stream.clock, log=log,
-                              sent_step=stream.sent_step, history=np.zeros((0, PORTABLE_COLUMNS), np.float32),
-                              history_beat=stream.frontier, heard_until=stream.heard_until)
-        record = np.concatenate([stream.history, log[:, :3]])
-        return snap, record, stream.decoder.cursor, len(stream.history) < HISTORY_TOKENS
+        history, history_beat = portable_history(self.tokenizer, np.concatenate([stream.history, log[:, :3]]),
+                                                 stream.decoder.cursor, stream.offset, stream.frontier,
+                                                 complete=len(stream.history) < HISTORY_TOKENS)
+        return StreamSnapshot(live=live, saved=saved, offset=stream.offset, clock=stream.clock, log=log,
+                              sent_step=stream.sent_step, history=history, history_beat=history_beat,
+                              heard_until=stream.heard_until)
 
     def _restore(self, stream: Stream, snap: StreamSnapshot, same_model: bool) -> None:
         if not self._free:
