@@ -69,6 +69,7 @@ from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.vocabulary import TokenizerError
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.voice_register import REGISTER_FLOATS
 from server.metrics import Metrics
 from server.rollback import (FOLD_TOKENS, MAX_LOG, PLAYED, Checkpoint, LoggedToken, Replayed, kept_prefix,
                              played_ids, replay)
@@ -204,7 +205,7 @@ class Engine:
         """Rows for ``capacity`` streams, shaped after the model's own output for one token."""
         probe_dna, probe_slots = self.tokenizer.token_dna.of_tokens(
             np.array([1]), np.zeros(1, np.int64), np.zeros(1, np.int64),
-            np.array([self.tokenizer.default_bar_length]))
+            np.array([self.tokenizer.default_bar_length]), np.zeros((1, REGISTER_FLOATS), np.float32))
         state, out = self.generator.read(None, probe_dna[None], probe_slots[None])
         n = self.capacity
         self.field = torch.zeros((n, state.field.shape[-1]), dtype=state.field.dtype, device=self.device)
@@ -417,12 +418,12 @@ class Engine:
         decoder = replayed.decoder if replayed is not None else stream.decoder
         played = [(self.timebase.grid_from_beats(n.beat + stream.offset), n.pitch, n.duration, n.velocity,
                    n.voice) for n in notes]
-        bar_length = decoder.bar_length
+        before = decoder.copy()
         sequence = decoder.encode_notes(played)
         stream.unknown_played += sequence.unknown
         if len(sequence) == 0:  # nothing the stream can read: it carries on as it was
             return Fed(0, sequence.unknown, stream.epoch)
-        floats, slots = self._played_dna(sequence, bar_length)
+        floats, slots = self._played_dna(sequence, before)
         if replayed is not None:
             self._rewind(stream, kept, replayed)
             floats, slots = np.concatenate([replayed.floats, floats]), np.concatenate([replayed.slots, slots])
@@ -489,15 +490,11 @@ class Engine:
         stream.history = _history_rows(*np.asarray(kept, dtype=np.int64)[:, :3].T, before=stream.history)
         stream.log = stream.log[len(kept):]
 
-    def _played_dna(self, sequence: TokenSequence, bar_length: float) -> tuple[np.ndarray, np.ndarray]:
-        """DNA of played tokens, each with the bar length in force after it (``bar_length``: the one
-        before the first)."""
-        tok = self.tokenizer
-        lengths = np.empty(len(sequence), dtype=np.float64)
-        for i, token in enumerate(sequence.ids.tolist()):
-            bar_length = tok.bar_length(token) or bar_length
-            lengths[i] = bar_length
-        return tok.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths)
+    def _played_dna(self, sequence: TokenSequence, before: StreamDecoder) -> tuple[np.ndarray, np.ndarray]:
+        """DNA of played tokens, each with the bar length and voice register after it, from where
+        the stream's decoder stood before them (``before``, which this pushes them into)."""
+        lengths, register = before.contexts(sequence)
+        return self.tokenizer.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths, register)
 
     def _release(self, stream: Stream) -> None:
         if stream.closed:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.tokenizer import Tokenizer
 
@@ -50,7 +51,7 @@ class Replayed:
     step counter and the frontier after them."""
 
     decoder: StreamDecoder
-    floats: np.ndarray  # (T, 7)
+    floats: np.ndarray  # (T, DNA_FLOATS)
     slots: np.ndarray  # (T,)
     steps: int
     frontier: float
@@ -75,17 +76,15 @@ def replay(checkpoint: Checkpoint, tokens: list[LoggedToken], tokenizer: Tokeniz
     ``offset``: the decoder time (beats) of the stream's beat 0."""
     decoder = checkpoint.decoder.copy()
     frontier, steps = checkpoint.frontier, checkpoint.steps
-    lengths = np.empty(len(tokens), dtype=np.float64)
-    for i, entry in enumerate(tokens):
-        decoder.push(entry.token, entry.velocity, entry.voice)
-        lengths[i] = decoder.bar_length
-        frontier = max(frontier, tokenizer.timebase.beats_from_grid(decoder.cursor) - offset)
+    as_array = lambda values: np.asarray(values, dtype=np.int64)
+    sequence = TokenSequence(as_array([t.token for t in tokens]), as_array([t.velocity for t in tokens]),
+                             as_array([t.voice for t in tokens]))
+    lengths, register = decoder.contexts(sequence)
+    for entry in tokens:
         if entry.step != PLAYED:
             steps = entry.step + 1
-    as_array = lambda values: np.asarray(values, dtype=np.int64)
-    floats, slots = tokenizer.token_dna.of_tokens(as_array([t.token for t in tokens]),
-                                                  as_array([t.velocity for t in tokens]),
-                                                  as_array([t.voice for t in tokens]), lengths)
+    frontier = max(frontier, tokenizer.timebase.beats_from_grid(decoder.cursor) - offset) if tokens else frontier
+    floats, slots = tokenizer.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths, register)
     return Replayed(decoder, floats, slots, steps, frontier)
 
 

@@ -24,6 +24,7 @@ from model.checkpoint.format import (check_state_dict, link_or_copy, load_checkp
 from model.training.run_folder import TRAINER_FILES, append_log_row
 from model.fm.config import ModelConfig
 from model.fm.machine import FieldMachine
+from model.tokenizer.dna import DNA_FLOATS
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BAR, SPECIAL_KINDS, TokenKey, special_key
 from tests.model_shapes import token_shape
@@ -152,7 +153,7 @@ def test_load_model_rebuilds_the_field_machine(tmp_path: Path) -> None:
     loaded, loaded_tokenizer, ckpt = load_model(tmp_path / "best")
     assert not loaded.training and loaded.config == config and ckpt.val_loss == 1.25
     assert loaded_tokenizer.vocab == tokenizer.vocab
-    dna, slots = torch.rand(2, 5, 7), torch.randint(0, config.voice_slots, (2, 5))
+    dna, slots = torch.rand(2, 5, DNA_FLOATS), torch.randint(0, config.voice_slots, (2, 5))
     assert torch.equal(loaded(dna, slots).logits, fm(dna, slots).logits)
 
     config_file = tmp_path / "best" / "config.json"
@@ -161,6 +162,21 @@ def test_load_model_rebuilds_the_field_machine(tmp_path: Path) -> None:
     config_file.write_text(json.dumps(stored))
     with pytest.raises(CheckpointError, match="config.json: .*'heads'"):
         load_model(tmp_path / "best")
+
+
+def test_a_format_2_checkpoint_loads_as_one_without_the_voice_register(tmp_path: Path) -> None:
+    """Checkpoints written before the voice register (format 2) still load and generate."""
+    tokenizer = Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + [TokenKey(BAR, 4, 4, 0)])
+    config = ModelConfig(**token_shape(tokenizer.vocab_size), dim=8, field_layers=2, width=8,
+                         decoder_hidden=8, voice_embedding=4, voice_register=False)
+    fm = FieldMachine(config).eval()
+    save_checkpoint(tmp_path / "old", model=fm, model_config=config, tokenizer=tokenizer, step=5, epoch=1)
+    file = tmp_path / "old" / "config.json"
+    stored = json.loads(file.read_text())
+    del stored["model"]["voice_register"]
+    file.write_text(json.dumps({**stored, "format": 2}))
+    loaded, _, _ = load_model(tmp_path / "old")
+    assert loaded.config == config and loaded.register is None
 
 
 # ====================================================================== resuming
@@ -259,7 +275,7 @@ BROKEN = [
      "config.json", "invalid JSON", load_checkpoint),
     ("config-not-object", lambda d: (d / "config.json").write_text("[1, 2]"), "config.json",
      "JSON object", load_checkpoint),
-    ("config-wrong-format", _edit_config(format=3), "config.json", "format 3", load_checkpoint),
+    ("config-wrong-format", _edit_config(format=99), "config.json", "format 99", load_checkpoint),
     ("config-format-1", _edit_config(format=1), "config.json", "train it again", load_checkpoint),
     ("config-no-step", _drop_config_field, "config.json", "'step'", load_checkpoint),
     ("config-bad-step", _edit_config(step="ten"), "config.json", "'step' must be an integer",

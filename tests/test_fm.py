@@ -9,6 +9,7 @@ from model.fm.config import ModelConfig
 from model.fm.loss import sequence_loss
 from model.fm.machine import FieldMachine
 from model.fm.state import FieldState
+from model.tokenizer.dna import DNA_FLOATS
 from tests.model_shapes import token_shape
 
 # One field read by the MLP decoder (field_layers 0) and deep machines of 1 to 8 field layers.
@@ -39,7 +40,7 @@ def make_model(variant: dict | str = "demod+direct", dim: int = 64, seed: int = 
 
 def random_tokens(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    dna = torch.rand(batch, length, 7, generator=g) * 2 - 1
+    dna = torch.rand(batch, length, DNA_FLOATS, generator=g) * 2 - 1
     slots = torch.randint(0, 22, (batch, length), generator=g)
     return dna, slots
 
@@ -145,7 +146,7 @@ def test_loss_and_heads_train(variant):
     for _ in range(60):
         out = model(dna, slots)
         loss = sequence_loss(model, out, targets, torch.zeros_like(targets), torch.ones_like(targets),
-                             mask, torch.ones_like(mask))
+                             mask, torch.ones_like(mask), dna)
         opt.zero_grad()
         loss["total"].backward()
         opt.step()
@@ -171,10 +172,10 @@ def test_decayed_field_forgets_at_its_rate():
     state = FieldState.empty(1, model.config.dim)
     _, state = model.step(state, dna[:, 0], slots[:, 0])
     first = state.field.clone()
-    quiet = model.embed(torch.zeros(1, 7), slots[:, 0])
+    quiet = model.embed(torch.zeros(1, DNA_FLOATS), slots[:, 0])
     for _ in range(8):  # feed tokens whose projection is only the bias, then take it out again
         state = FieldState(state.field, state.position)
-        _, state = model.step(state, torch.zeros(1, 7), slots[:, 0])
+        _, state = model.step(state, torch.zeros(1, DNA_FLOATS), slots[:, 0])
     # Remove what the 8 bias-only tokens added: sum of lam**k * quiet * code(position).
     lam = torch.exp(torch.tensor(-1 / 4))
     added = sum(lam ** (8 - p) * quiet.float() * model.position_code(torch.tensor([p])) for p in range(1, 9))

@@ -12,6 +12,7 @@ from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator
 from model.sampling.batch import SamplingBatch
 from model.sampling.config import SamplingConfig
+from model.tokenizer.stream import register_rows
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BAR, NOTE, SPECIAL_KINDS, TokenKey, special_key
 from tests.model_shapes import token_shape
@@ -51,10 +52,11 @@ def test_voice_depends_on_the_chosen_note(served_checkpoint):
     """The tiny corpus has an upper voice (0, pitches 55..69) and a bass (1, pitches 43..50): from
     the same decoder state, the note head gives the upper pitch to voice 0 and the bass pitch to 1."""
     generator = trained_generator(served_checkpoint)
-    _, out, _ = generator.prime(None)
+    _, out, decoder = generator.prime(None)
     upper, bass = note_tokens(generator.tokenizer, 62)[0], note_tokens(generator.tokenizer, 43)[0]
     tokens = torch.tensor([upper, bass])
-    voice, velocity = generator.model.note_logits(out.hidden.expand(2, -1), tokens)
+    register = torch.from_numpy(register_rows([decoder, decoder]))
+    voice, velocity = generator.model.note_logits(out.hidden.expand(2, -1), tokens, register)
     p = voice.softmax(-1)
     assert p[0].argmax() == 0 and p[1].argmax() == 1, p[:, :2]
     assert velocity.softmax(-1).sub(velocity.softmax(-1)[0]).abs().max() > 0  # velocity reads the note too
@@ -86,14 +88,14 @@ def test_voice_and_velocity_follow_the_stream_seed():
                                      decoder_hidden=32, dropout=0.0))
     model.set_vocabulary(tokenizer.vocab)
     generator = BatchGenerator(model, tokenizer)
-    _, out, _ = generator.prime(None)
+    _, out, decoder = generator.prime(None)
     note = torch.full((1,), tokenizer.vocab_size - 1)
 
     def draws(seed: int) -> list[tuple[int, int]]:
         parts = []
         for step in range(64):
             batch = SamplingBatch.from_configs([SamplingConfig(seed=seed, temperature=1.0, top_p=1.0)], [step])
-            voice, velocity = generator.note_parts(note, out, batch)
+            voice, velocity = generator.note_parts(note, out, [decoder], batch)
             parts.append((int(voice), int(velocity)))
         return parts
 

@@ -14,6 +14,7 @@ from model.midi.read import read_midi
 from model.midi.score import MidiReadError
 from model.timebase import TICKS_PER_BEAT
 from model.tokenizer.sequences import TokenSequence
+from model.tokenizer.dna import DNA_FLOATS
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BAR, NOTE, REST, TokenKey, TokenizerConfig, TokenizerError
@@ -206,7 +207,7 @@ def test_dna_fields():
     tok = fitted(midi)
     seq = tok.encode(read_midi(midi))
     floats, slots = tok.dna(seq)
-    assert floats.shape == (len(seq), 7) and floats.dtype == np.float32
+    assert floats.shape == (len(seq), DNA_FLOATS) and floats.dtype == np.float32
     kinds = tok.kinds(seq.ids)
     c4, b4 = np.flatnonzero(kinds == NOTE)
     assert floats[c4, :2] == pytest.approx([0.0, 1.0], abs=1e-6)  # pitch class C

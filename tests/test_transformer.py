@@ -7,6 +7,7 @@ import torch
 
 from model.tokenizer.vocabulary import NOTE, SPECIAL_KINDS, TokenKey, special_key
 from model.research.transformer import CausalTransformer, KVCache, TransformerConfig
+from model.tokenizer.dna import DNA_FLOATS
 from tests.model_shapes import token_shape
 
 
@@ -24,7 +25,7 @@ def make(head: str = "tied", seed: int = 0) -> CausalTransformer:
 
 def inputs(batch: int, length: int):
     g = torch.Generator().manual_seed(1)
-    return (torch.randint(0, 40, (batch, length), generator=g), torch.rand(batch, length, 7, generator=g),
+    return (torch.randint(0, 40, (batch, length), generator=g), torch.rand(batch, length, DNA_FLOATS, generator=g),
             torch.randint(0, 22, (batch, length), generator=g))
 
 

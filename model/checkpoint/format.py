@@ -47,8 +47,10 @@ from model.tokenizer.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 # config.json "format"; bump when the layout or a file's meaning changes. 2: the note head
-# (voice and velocity given the chosen token) and field layers.
-CHECKPOINT_FORMAT = 2
+# (voice and velocity given the chosen token) and field layers. 3: the voice register (a format 2
+# checkpoint is read as one without it).
+CHECKPOINT_FORMAT = 3
+NO_REGISTER_FORMAT = 2
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -294,6 +296,9 @@ def _read_config(file: Path) -> dict:
     data = read_json(file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    if data.get("format") == NO_REGISTER_FORMAT and isinstance(data.get("model"), dict):
+        data["model"].setdefault("voice_register", False)
+        data["format"] = CHECKPOINT_FORMAT
     if data.get("format") != CHECKPOINT_FORMAT:
         hint = (": it was trained before voice and velocity were chosen for each note; train it again "
                 "with python -m model.train" if data.get("format") == 1 else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from model.tokenizer.dna import DNA_FLOATS
+from model.tokenizer.dna import TOKEN_FLOATS
 
 READOUTS = ("field", "demod")
 HEADS = ("free", "factored")
@@ -46,6 +46,7 @@ class ModelConfig:
     head: str = field(default="free", metadata={"help": "Next-token head: 'free' (one learned row per token) or 'factored' (rows summed from the token's pitch, duration and position parts).", "choices": HEADS})
     dna_lookup: bool = field(default=False, metadata={"help": "Add learned rows for the DNA's discrete values (pitch, pitch class, octave, duration, beat position, velocity) to its projection."})
     field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
+    voice_register: bool = field(default=True, metadata={"help": "Read the voice register beside each token (each voice's latest note: model.tokenizer.voice_register) and give the note head each voice's distance to the chosen note."})
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
@@ -68,7 +69,7 @@ class ModelConfig:
 
     @property
     def dna_width(self) -> int:
-        return DNA_FLOATS + self.voice_embedding
+        return TOKEN_FLOATS + self.voice_embedding
 
     @property
     def field_floats(self) -> int:

@@ -13,6 +13,8 @@ from model.fm.field_layer import FieldLayer
 from model.fm.lookup import DNALookup
 from model.fm.note_head import NoteHead
 from model.fm.state import FieldState, FMOutput
+from model.tokenizer.dna import TOKEN_FLOATS
+from model.tokenizer.voice_register import REGISTER_FLOATS
 
 
 class FieldMachine(nn.Module):
@@ -24,6 +26,10 @@ class FieldMachine(nn.Module):
         self.voice_embedding = nn.Embedding(c.voice_slots, c.voice_embedding)
         self.project = nn.Linear(c.dna_width, stream)
         self.lookup = DNALookup(stream) if c.dna_lookup else None
+        self.register = nn.Linear(REGISTER_FLOATS, stream) if c.voice_register else None
+        if self.register is not None:  # starts silent: a model given a register later begins as it was
+            nn.init.zeros_(self.register.weight)
+            nn.init.zeros_(self.register.bias)
         if c.field_layers:
             self.layers = nn.ModuleList(FieldLayer(c.width, c.field_floats, c.decoder_hidden, c.dropout,
                                                    c.field_layers) for _ in range(c.field_layers))
@@ -38,7 +44,8 @@ class FieldMachine(nn.Module):
             self.field_dropout = nn.Dropout(c.field_dropout)
         self.token_head = (FactoredHead(c.vocab_size, c.hidden_width) if c.head == "factored"
                            else nn.Linear(c.hidden_width, c.vocab_size))
-        self.note_head = NoteHead(c.hidden_width, c.max_voices, c.velocity_levels)
+        self.note_head = NoteHead(c.hidden_width, c.max_voices, c.velocity_levels,
+                                  voice_register=c.voice_register)
         # Token -> rows of the part tables, shared by the factored head and the note head.
         self.register_buffer("token_parts", torch.zeros(c.vocab_size, 3, dtype=torch.int64))
 
@@ -48,11 +55,16 @@ class FieldMachine(nn.Module):
         return self.code.position_code(positions)
 
     def embed(self, dna: Tensor, voice_slots: Tensor) -> Tensor:
-        """Project DNA (…, 7) and voice slots (…) to the stream's width."""
-        features = torch.cat((dna.to(self.project.weight.dtype),
-                              self.voice_embedding(voice_slots)), dim=-1)
+        """Project DNA (…, DNA_FLOATS) and voice slots (…) to the stream's width: the token's own
+        columns with its voice embedding, plus (``voice_register``) the voice register's."""
+        own = dna[..., :TOKEN_FLOATS]
+        features = torch.cat((own.to(self.project.weight.dtype), self.voice_embedding(voice_slots)), dim=-1)
         x = self.project(features)
-        return x if self.lookup is None else x + self.lookup(dna).to(x.dtype)
+        if self.lookup is not None:
+            x = x + self.lookup(own).to(x.dtype)
+        if self.register is not None:
+            x = x + self.register(dna[..., TOKEN_FLOATS:].to(self.register.weight.dtype)).to(x.dtype)
+        return x
 
     def readout(self, field: Tensor, positions: Tensor, current: Tensor,
                 sin_cos: tuple[Tensor, Tensor]) -> Tensor:
@@ -69,9 +81,12 @@ class FieldMachine(nn.Module):
                   else self.token_head(hidden))
         return FMOutput(logits, hidden)
 
-    def note_logits(self, hidden: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Voice and velocity logits of the note ``tokens`` (…) chosen after ``hidden`` (…, width)."""
-        return self.note_head(hidden, self.token_parts[tokens])
+    def note_logits(self, hidden: Tensor, tokens: Tensor, register: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+        """Voice and velocity logits of the note ``tokens`` (…) chosen after ``hidden`` (…, width),
+        with the voice register's features there (…, REGISTER_FLOATS): the DNA columns past
+        ``TOKEN_FLOATS`` of the token read last (needed when ``voice_register`` is on)."""
+        return self.note_head(hidden, self.token_parts[tokens], register)
 
     def split_field(self, field: Tensor) -> tuple[Tensor, ...]:
         """A stream's field (…, dim) as the fields of its layers."""
@@ -83,7 +98,7 @@ class FieldMachine(nn.Module):
                 ) -> FMOutput | tuple[FMOutput, FieldState]:
         """Parallel pass over (B, T) sequences.
 
-        ``dna`` (B, T, 7), ``voice_slots`` (B, T). Each row starts at position 0 with an empty
+        ``dna`` (B, T, DNA_FLOATS), ``voice_slots`` (B, T). Each row starts at position 0 with an empty
         field, or continues from ``start`` (its field and positions), so a long sequence can be
         processed in chunks with the same result. Sequences of different lengths are padded on
         the right: padding only adds to the field after a sequence's last real token, so it never
@@ -125,7 +140,7 @@ class FieldMachine(nn.Module):
         """Advance B streams by one token each, in O(1).
 
         ``state``: field (B, D) and position (B,) — streams may be at different positions.
-        ``dna`` (B, 7) and ``voice_slots`` (B,) describe each stream's new token, which takes
+        ``dna`` (B, DNA_FLOATS) and ``voice_slots`` (B,) describe each stream's new token, which takes
         position ``state.position``. Returns the outputs (B, V) predicting each stream's next token
         and the new state (the input state is not modified).
         """

@@ -4,7 +4,8 @@ Used by ``python -m model.generate`` and by the server's engine. Per stream the 
 :class:`model.tokenizer.stream.StreamDecoder` (bar position, for timing and for the beat angle of the
 next token's DNA); the device keeps the :class:`model.fm.state.FieldState` rows. A generated token's
 DNA is built with :meth:`model.tokenizer.dna.TokenDNA.of_tokens` from the token, the velocity and voice the model's
-heads chose, and the bar length in force, exactly as :meth:`Tokenizer.dna` builds it for training.
+heads chose, the bar length in force and the voice register, exactly as :meth:`Tokenizer.dna` builds
+it for training.
 
 One batched advance reads as: key pull (:mod:`.key_pull`) -> grammar mask (:mod:`.grammar`) ->
 sample the token (:mod:`model.sampling`) -> sample the note's voice and velocity from the note
@@ -27,7 +28,7 @@ from model.sampling.batch import SamplingBatch
 from model.sampling.config import SamplingConfig
 from model.sampling.sample import sample
 from model.tokenizer.sequences import TokenSequence
-from model.tokenizer.stream import DecodedNote, StreamDecoder
+from model.tokenizer.stream import DecodedNote, StreamDecoder, register_rows
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BOS, EOS, PAD, UNK
 
@@ -92,7 +93,7 @@ class BatchGenerator:
     @torch.no_grad()
     def read(self, state: FieldState | None, floats: np.ndarray, slots: np.ndarray
              ) -> tuple[FieldState, FMOutput]:
-        """Read tokens' DNA ``(B, T, 7)`` and slots ``(B, T)`` in one parallel pass, from ``state``
+        """Read tokens' DNA ``(B, T, DNA_FLOATS)`` and slots ``(B, T)`` in one parallel pass, from ``state``
         (``None``: empty streams). Returns the new state and the output after the last token."""
         dna, slot = self.tensors(floats, slots)
         out, new_state = self.model(dna, slot, start=state, return_state=True)
@@ -102,7 +103,7 @@ class BatchGenerator:
     def read_many(self, state: FieldState, chunks: list[tuple[np.ndarray, np.ndarray]]
                   ) -> tuple[FieldState, FMOutput]:
         """Read one chunk of tokens per stream, of different lengths, in one parallel pass: each
-        ``(T_i, 7)`` DNA with ``(T_i,)`` slots, right-padded; the states and outputs after each
+        ``(T_i, DNA_FLOATS)`` DNA with ``(T_i,)`` slots, right-padded; the states and outputs after each
         stream's own last token."""
         lengths = np.array([len(slots) for _, slots in chunks])
         floats = np.zeros((len(chunks), lengths.max(), chunks[0][0].shape[-1]), dtype=chunks[0][0].dtype)
@@ -151,7 +152,7 @@ class BatchGenerator:
         if answer_by is not None:
             logits = self.answer_logits(logits, decoders, answer_by)
         tokens = sample(logits, batch)
-        results = self.push(tokens, *self.note_parts(tokens, out, batch, banned_voices), decoders)
+        results = self.push(tokens, *self.note_parts(tokens, out, decoders, batch, banned_voices), decoders)
         new_out, new_state = self.feed(state, results, decoders)
         return results, new_state, new_out
 
@@ -181,12 +182,14 @@ class BatchGenerator:
         feasible = torch.isfinite(hurried).any(dim=1, keepdim=True)
         return torch.where(feasible, hurried, logits)
 
-    def note_parts(self, tokens: torch.Tensor, out: FMOutput, batch: SamplingBatch,
+    def note_parts(self, tokens: torch.Tensor, out: FMOutput, decoders: list[StreamDecoder], batch: SamplingBatch,
                    banned_voices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The voice and velocity level of each stream's chosen token (B,), drawn from the note
-        head given that token, with the stream's temperature and random numbers; never a voice
-        ``banned_voices`` (B, max_voices) marks for its stream."""
-        voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens)
+        head given that token and the voice register the stream's decoder holds before it, with
+        the stream's temperature and random numbers; never a voice ``banned_voices``
+        (B, max_voices) marks for its stream."""
+        register = torch.from_numpy(register_rows(decoders)).to(self.device)
+        voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens, register)
         if banned_voices is not None:
             voice_logits = voice_logits.float().masked_fill(banned_voices, float("-inf"))
         return (sample(voice_logits, batch, salt=VOICE_SALT),
@@ -204,13 +207,14 @@ class BatchGenerator:
 
     def step_inputs(self, results: list[StreamStep], decoders: list[StreamDecoder]
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each stream's new token as the model reads it: ids (B,), DNA floats (B, 7) and voice
-        slots (B,), the DNA with the bar length the stream's decoder now knows."""
+        """Each stream's new token as the model reads it: ids (B,), DNA floats (B, DNA_FLOATS) and
+        voice slots (B,), the DNA with the bar length and voice register the stream's decoder now knows."""
         ids = np.array([r.token for r in results], dtype=np.int64)
         velocity = np.array([r.velocity for r in results], dtype=np.int64)
         voice = np.array([r.voice for r in results], dtype=np.int64)
         bar_lengths = np.array([d.bar_length for d in decoders], dtype=np.float64)
-        floats, slots = self.tokenizer.token_dna.of_tokens(ids, velocity, voice, bar_lengths)
+        floats, slots = self.tokenizer.token_dna.of_tokens(ids, velocity, voice, bar_lengths,
+                                                           register_rows(decoders))
         return ids, floats, slots
 
     def feed(self, state: FieldState, results: list[StreamStep], decoders: list[StreamDecoder]

@@ -1,7 +1,8 @@
 """Token DNA: the vector every token enters the model as, the same in training and generation.
 
-Every event gets 7 continuous DNA values plus a voice slot for the model's 16-dim learned voice
-embedding (7 + 16 = the seed's 23 dims):
+Every event gets 7 continuous DNA values of its own plus a voice slot for the model's 16-dim
+learned voice embedding (7 + 16 = the seed's 23 dims), then the stream's voice register after it
+(:mod:`model.tokenizer.voice_register`, :data:`REGISTER_FLOATS` more columns):
 
 =====  ==============  ===========================================================
 col    field           value
@@ -11,13 +12,15 @@ col    field           value
 3      duration        log2 duration (beats) scaled so the grid spans 0..1; BAR: bar length
 4, 5   beat position   sin, cos of 2*pi*position/bar length; BAR: (0, 1); specials: (0, 0)
 6      velocity        level / 127; 0 for non-notes
+7..    voice register  each voice at the token's onset: seen, held, resting, pitch, motion
 slot   voice           the note's voice; REST, BAR, BOS, EOS, UNK and PAD have slots of their own
 =====  ==============  ===========================================================
 
-The bar length in a note's beat angle comes from the latest ``BAR`` token in the stream, so DNA
-depends only on the stream itself and is built the same way when training
-(:meth:`TokenDNA.of_sequence`) and when generating (:meth:`TokenDNA.of_tokens`, one token per
-stream with the bar length each stream's decoder knows).
+The bar length in a note's beat angle comes from the latest ``BAR`` token in the stream, and the
+register from the notes before, so DNA depends only on the stream itself. Both come from the
+stream's decoder (:meth:`model.tokenizer.stream.StreamDecoder.contexts`), the same way when training
+(:meth:`model.tokenizer.tokenizer.Tokenizer.dna`, a whole file) and when generating
+(:meth:`TokenDNA.of_tokens`, one token per stream with what each stream's decoder knows).
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ import math
 
 import numpy as np
 
-from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.vocabulary import BAR, NOTE, REST, TokenizerConfig, TokenKey
+from model.tokenizer.voice_register import REGISTER_FLOATS
 
-DNA_FLOATS = 7  # continuous DNA values per token (the columns above)
+TOKEN_FLOATS = 7  # the token's own DNA values (columns 0-6 above)
+DNA_FLOATS = TOKEN_FLOATS + REGISTER_FLOATS  # every column: the token's, then the voice register
 
 
 class TokenDNA:
     """The DNA of one vocabulary's tokens (built once per vocabulary; read-only)."""
 
-    def __init__(self, config: TokenizerConfig, vocab: list[TokenKey], bar_lengths: np.ndarray) -> None:
+    def __init__(self, config: TokenizerConfig, vocab: list[TokenKey]) -> None:
         self.config = config
         durations = np.log2(np.array([float(d) for d in config.duration_beats]))
         self._log_low = float(durations[0])
@@ -43,7 +47,6 @@ class TokenDNA:
         self._velocity_levels = np.array(config.velocity_levels)
         self._kinds = np.array([k.kind for k in vocab], dtype=np.int64)
         self._positions = np.array([max(k.c, 0) for k in vocab], dtype=np.float64)
-        self._bar_lengths = bar_lengths
         self._static = self._static_table(vocab)
 
     @property
@@ -68,23 +71,15 @@ class TokenDNA:
     def _scaled_log_duration(self, beats: float) -> float:
         return (math.log2(beats) - self._log_low) / self._log_span
 
-    def of_sequence(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray]:
-        """DNA of every event of a stream: ``(floats (T, 7) float32, voice slots (T,) int64)``."""
-        ids = np.asarray(sequence.ids)
-        # Bar length in force at each event: forward-fill the lengths of BAR tokens (4/4 before any).
-        at_bar = np.where(self._kinds[ids] == BAR, np.arange(len(ids)), -1)
-        last_bar = np.maximum.accumulate(at_bar) if len(ids) else at_bar
-        bar_len = np.where(last_bar >= 0, self._bar_lengths[ids[np.maximum(last_bar, 0)]],
-                           self.default_bar_length)
-        return self.of_tokens(ids, sequence.velocity, sequence.voice, bar_len)
-
     def of_tokens(self, ids: np.ndarray, velocity: np.ndarray, voice: np.ndarray,
-                  bar_length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """DNA of tokens given the bar length (grid steps) in force for each."""
+                  bar_length: np.ndarray, register: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """DNA ``(N, DNA_FLOATS)`` and voice slots ``(N,)`` of tokens, given the bar length (grid
+        steps) in force for each and the voice register's features after each ``(N, REGISTER_FLOATS)``."""
         ids = np.asarray(ids)
         kinds = self._kinds[ids]
         floats = np.zeros((len(ids), DNA_FLOATS), dtype=np.float32)
         floats[:, :4] = self._static[ids]
+        floats[:, TOKEN_FLOATS:] = register
         timed = (kinds == NOTE) | (kinds == REST) | (kinds == BAR)
         positions = np.where(kinds == BAR, 0.0, self._positions[ids])
         angle = 2 * np.pi * positions / np.asarray(bar_length, dtype=np.float64)

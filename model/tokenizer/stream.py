@@ -1,9 +1,10 @@
 """The stream decoder: tokens to timed notes one at a time, and played notes to tokens.
 
 A live stream (a server session, a generated file) keeps one :class:`StreamDecoder`: it knows the
-current bar (its start, length and signature), the onset of the latest token and the size of the
-chord there, so each generated token becomes a timed note, the next token's DNA gets its bar
-length, and the grammar mask (:mod:`model.generation.grammar`) knows what may come next.
+current bar (its start, length and signature), the onset of the latest token, the size of the
+chord there and each voice's latest note (its :class:`~model.tokenizer.voice_register.VoiceRegister`),
+so each generated token becomes a timed note, the next token's DNA gets its bar length and the
+voice register, and the grammar mask (:mod:`model.generation.grammar`) knows what may come next.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.vocabulary import BAR, NOTE, REST, UNK, TokenizerError, TokenKey
+from model.tokenizer.voice_register import VoiceRegister, register_features, stacked_features
 
 if TYPE_CHECKING:
     from model.tokenizer.tokenizer import Tokenizer
@@ -28,6 +30,15 @@ class DecodedNote(NamedTuple):
     voice: int
     bar: int
     position: int  # grid steps from the bar start
+
+
+def register_rows(decoders: list["StreamDecoder"]) -> np.ndarray:
+    """``(B, REGISTER_FLOATS)``: each decoder's :meth:`StreamDecoder.register_features`, in one pass."""
+    if not decoders:
+        return stacked_features([], np.zeros(0, np.int64), 1)
+    timebase = decoders[0].tokenizer.timebase
+    cursors = np.array([timebase.steps_from_grid(d.cursor) for d in decoders], dtype=np.int64)
+    return stacked_features([d.register for d in decoders], cursors, decoders[0].tokenizer.config.resolution)
 
 
 class StreamDecoder:
@@ -46,11 +57,13 @@ class StreamDecoder:
         self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
         self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
         self.notes_at_cursor = 0  # NOTE tokens so far at the cursor's onset (the chord's size)
+        self.register = VoiceRegister()  # each voice's latest note
 
     def copy(self) -> "StreamDecoder":
         """An independent decoder in the same place (the tokenizer is shared)."""
         twin = copy.copy(self)
         twin.signatures = list(self.signatures)
+        twin.register = self.register.copy()
         return twin
 
     def restore(self, saved: "StreamDecoder") -> None:
@@ -61,7 +74,8 @@ class StreamDecoder:
         """Where this decoder stands, as JSON-ready values (:meth:`from_state` reads them back)."""
         return {"bar": self.bar, "bar_start": self.bar_start, "bar_length": self.bar_length,
                 "signature": list(self.signature), "signatures": [list(s) for s in self.signatures],
-                "cursor": self.cursor, "notes_at_cursor": self.notes_at_cursor}
+                "cursor": self.cursor, "notes_at_cursor": self.notes_at_cursor,
+                "register": self.register.state()}
 
     @classmethod
     def from_state(cls, tokenizer: Tokenizer, state: dict) -> "StreamDecoder":
@@ -74,6 +88,7 @@ class StreamDecoder:
             decoder.signature = (num, den)
             decoder.signatures = [(int(a), int(b), int(c)) for a, b, c in state["signatures"]]
             decoder.cursor, decoder.notes_at_cursor = int(state["cursor"]), int(state["notes_at_cursor"])
+            decoder.register = VoiceRegister.from_state(state["register"])
         except (KeyError, TypeError, ValueError) as exc:
             raise TokenizerError(f"a malformed stream decoder state: {exc}") from exc
         if decoder.bar_length < 1:
@@ -111,7 +126,7 @@ class StreamDecoder:
         self.notes_at_cursor = self.notes_at_cursor + 1 if onset == self.cursor else 1
         self.cursor = onset
         levels = tok.config.velocity_levels
-        return DecodedNote(
+        note = DecodedNote(
             onset=tok.timebase.steps_from_grid(self.bar_start + key.c),
             duration=tok.duration_steps(key.b),
             pitch=key.a,
@@ -120,6 +135,30 @@ class StreamDecoder:
             bar=max(self.bar, 0),
             position=key.c,
         )
+        self.register.note(voice, note.pitch, note.onset, note.onset + note.duration)
+        return note
+
+    def register_features(self) -> np.ndarray:
+        """The voice register's features at the cursor (:mod:`model.tokenizer.voice_register`)."""
+        return self.register.features(self.tokenizer.timebase.steps_from_grid(self.cursor),
+                                      self.tokenizer.config.resolution)
+
+    def contexts(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray]:
+        """Push ``sequence`` into this decoder; per token, what its DNA needs from the stream after
+        it: the bar length in force ``(T,)`` and the voice register's features ``(T, REGISTER_FLOATS)``."""
+        steps, lengths = np.empty(len(sequence), dtype=np.int64), np.empty(len(sequence), dtype=np.float64)
+        rows = {name: np.empty((len(sequence),) + getattr(self.register, name).shape, dtype=np.int64)
+                for name in ("pitch", "previous", "end")}
+        timebase = self.tokenizer.timebase
+        for i, (token, velocity, voice) in enumerate(zip(sequence.ids.tolist(), sequence.velocity.tolist(),
+                                                         sequence.voice.tolist())):
+            self.push(token, velocity, voice)
+            lengths[i], steps[i] = self.bar_length, timebase.steps_from_grid(self.cursor)
+            for name, row in rows.items():
+                row[i] = getattr(self.register, name)
+        features = register_features(rows["pitch"], rows["previous"], rows["end"], steps,
+                                     self.tokenizer.config.resolution)
+        return lengths, features
 
     def encode_notes(self, notes: Iterable[tuple[int, int, float, int, int]]) -> TokenSequence:
         """Append notes to the stream: ``(onset in grid steps, pitch, duration in beats, MIDI

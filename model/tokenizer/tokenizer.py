@@ -76,8 +76,7 @@ class Tokenizer:
             if key.kind in (NOTE, REST):
                 self._durations_at.setdefault((key.kind, key.a, key.c), []).append(key.b)
         self._kinds = np.array([k.kind for k in self.vocab], dtype=np.int64)
-        bar_lengths = np.array([self.bar_length(t) or 0 for t in range(len(self.vocab))], dtype=np.float64)
-        self.token_dna = TokenDNA(self.config, self.vocab, bar_lengths)
+        self.token_dna = TokenDNA(self.config, self.vocab)
 
     @property
     def vocab_size(self) -> int:
@@ -368,5 +367,6 @@ class Tokenizer:
         return self._kinds[ids]
 
     def dna(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray]:
-        """DNA of every event of a stream (:meth:`model.tokenizer.dna.TokenDNA.of_sequence`)."""
-        return self.token_dna.of_sequence(sequence)
+        """DNA of every event of a stream read from its start (:mod:`model.tokenizer.dna`)."""
+        lengths, register = StreamDecoder(self).contexts(sequence)
+        return self.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths, register)

@@ -68,6 +68,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     retokenize: bool = field(default=False, metadata={"help": "ignore the token cache and re-read every file"})
     fresh: bool = field(default=False, metadata={"help": "ignore an existing checkpoint and start clean"})
+    init_from: str = field(default="", metadata={
+        "help": "start a new run from this checkpoint's weights and tokenizer (a fresh optimizer and step "
+                "count); its model settings hold, except the ones this run may add or change (--voice_register, "
+                "--dropout, --field_dropout); weights it lacks start at their initial values"})
     cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.training.corpus's)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
     transpose: int = field(default=0, metadata={
@@ -78,6 +82,9 @@ class TrainConfig:
 
 # Model settings that come from the tokenizer (its TokenShape), never from flags.
 MODEL_FLAGS_FROM_DATA = tuple(f.name for f in fields(TokenShape))
+# Model settings a run started --init_from a checkpoint takes from its flags: parts it adds, or
+# settings that change no weight's shape.
+INIT_FLAGS = ("voice_register", "dropout", "field_dropout")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -102,7 +109,7 @@ def batch_losses(model: torch.nn.Module, out: FMOutput, batch: dict[str, torch.T
                  ) -> dict[str, torch.Tensor]:
     """:func:`model.fm.loss.sequence_loss` of a :func:`collate` batch."""
     return sequence_loss(model, out, batch["targets"], batch["velocity"], batch["voice"], batch["mask"],
-                         batch["is_note"])
+                         batch["is_note"], batch["dna"])
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -128,7 +135,7 @@ class BatchLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch["dna"], batch["slots"])
         return sequence_loss_sums(self.model, out, batch["targets"], batch["velocity"], batch["voice"],
-                                  batch["mask"], batch["is_note"])
+                                  batch["mask"], batch["is_note"], batch["dna"])
 
 
 LOSS_SUMS = ("token", "velocity", "voice")
@@ -231,9 +238,13 @@ class Trainer:
             logger.warning("skipped %s: %s", path, reason)
         train_files, val_files = corpus.split(cfg.val_fraction)
         resume = None if cfg.fresh else self._resume_point()
+        start = ckpt.load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
         if resume is not None:
             self.tokenizer = resume.tokenizer
             self.model_config = ModelConfig(**resume.model_config)
+        elif start is not None:
+            self.tokenizer = start.tokenizer
+            self.model_config = ModelConfig(**{**start.model_config, **{k: model_flags[k] for k in INIT_FLAGS}})
         else:
             self.tokenizer = Tokenizer().fit(
                 events for f in train_files for events in f.events.transpositions(cfg.transpose))
@@ -267,6 +278,8 @@ class Trainer:
             best = ckpt.load_checkpoint(self.dirs.best) if self.dirs.best.exists() else None
             self.best = best.val_loss if best and best.val_loss is not None else math.inf
             logger.info("resumed from %s at step %d, epoch %d", resume.path, self.step, self.epoch)
+        elif start is not None:
+            self._init_weights(start)
         if not self.ranks.same(self.step, self.epoch, self.tokenizer.vocab_size):
             raise CheckpointError(f"{self.dirs.latest}: the ranks did not all find the same checkpoint to "
                                   "resume from; every rank reads --out_dir, which on several machines must "
@@ -276,6 +289,15 @@ class Trainer:
         self.batch_loss = self.ranks.wrap(BatchLoss(self.model))
         self.steps_per_epoch = math.ceil(len(windows(self.train, cfg.max_seq_len, None)) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    def _init_weights(self, start: ckpt.Checkpoint) -> None:
+        """The weights of ``start`` (``--init_from``); the model's own new parts keep their initial values."""
+        expected = self.model.state_dict()
+        kept = {k: v for k, v in start.state_dict.items() if k in expected}
+        ckpt.check_state_dict(self.model, {**expected, **start.state_dict}, start.path)  # no stray or reshaped weight
+        self.model.load_state_dict({**expected, **kept})
+        added = sorted(expected.keys() - start.state_dict.keys())
+        logger.info("weights from %s (step %d); new: %s", start.path, start.step, ", ".join(added) or "none")
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
         if not self.dirs.latest.exists():

@@ -1,0 +1,115 @@
+"""The voice register: where each voice of a stream stands now, as the model reads it beside each token.
+
+One field sums every voice, so "the alto's last note" is not kept apart anywhere in it. The
+register keeps it apart, in a few integers per voice that the stream decoder
+(:class:`model.tokenizer.stream.StreamDecoder`) updates with every note it reads or generates:
+
+==========  ====================================================================================
+per voice   value
+==========  ====================================================================================
+pitch       the top note of the voice's latest onset (MIDI pitch; -1 before its first note)
+previous    the top note of the onset before that (its melodic move is ``pitch - previous``)
+onset       the latest onset (internal steps)
+end         where the voice's latest notes end (internal steps)
+==========  ====================================================================================
+
+Its features (:meth:`VoiceRegister.features`) describe each voice at the stream's cursor, the onset
+of its latest token, in :data:`VOICE_FEATURES` floats:
+
+=====  =========  ==============================================================================
+col    feature    value
+=====  =========  ==============================================================================
+0      seen       1 once the voice has played
+1      held       how long its note still sounds after the cursor: log2(1 + beats) / 3, at most 1
+2      resting    how long it has been silent at the cursor: log2(1 + beats) / 4, at most 1
+3      pitch      (pitch - 60) / 24
+4      motion     (pitch - previous) / 12, clipped to [-1, 1]
+=====  =========  ==============================================================================
+
+The first :data:`REGISTER_VOICES` voices have their own rows (higher voices share the last one).
+The register is a function of the tokens alone, so it is built the same way in training (one pass
+over a file) and in generation (one note at a time), and it is part of a stream's fixed-size state:
+4 integers per voice, whatever the length of the music.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+REGISTER_VOICES = 16
+VOICE_FEATURES = 5
+REGISTER_FLOATS = REGISTER_VOICES * VOICE_FEATURES
+FIELDS = ("pitch", "previous", "onset", "end")
+CENTRE_PITCH = 60
+
+
+class VoiceRegister:
+    """Each voice's latest top note, the one before, its onset and end (internal steps)."""
+
+    __slots__ = FIELDS
+
+    def __init__(self) -> None:
+        self.pitch = np.full(REGISTER_VOICES, -1, dtype=np.int64)
+        self.previous = np.full(REGISTER_VOICES, -1, dtype=np.int64)
+        self.onset = np.full(REGISTER_VOICES, -1, dtype=np.int64)
+        self.end = np.zeros(REGISTER_VOICES, dtype=np.int64)
+
+    def copy(self) -> "VoiceRegister":
+        twin = VoiceRegister.__new__(VoiceRegister)
+        for name in FIELDS:
+            setattr(twin, name, getattr(self, name).copy())
+        return twin
+
+    def note(self, voice: int, pitch: int, onset: int, end: int) -> None:
+        """A note of ``voice`` at ``onset`` until ``end`` (internal steps)."""
+        v = min(max(voice, 0), REGISTER_VOICES - 1)
+        if self.onset[v] == onset:  # another note of the same chord: the top note stays the line's
+            self.pitch[v] = max(self.pitch[v], pitch)
+            self.end[v] = max(self.end[v], end)
+            return
+        self.previous[v] = self.pitch[v] if self.pitch[v] >= 0 else pitch
+        self.pitch[v], self.onset[v], self.end[v] = pitch, onset, end
+
+    def state(self) -> dict:
+        """JSON-ready lists (:meth:`from_state` reads them back)."""
+        return {name: getattr(self, name).tolist() for name in FIELDS}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "VoiceRegister":
+        """The register :meth:`state` described (``ValueError`` / ``KeyError`` / ``TypeError`` on a
+        malformed one)."""
+        register = cls()
+        for name in FIELDS:
+            values = np.asarray(state[name], dtype=np.int64)
+            if values.shape != (REGISTER_VOICES,):
+                raise ValueError(f"register {name} must hold {REGISTER_VOICES} integers")
+            setattr(register, name, values)
+        return register
+
+    def features(self, cursor: int, resolution: int) -> np.ndarray:
+        """``(REGISTER_FLOATS,)`` float32: every voice at the internal step ``cursor``."""
+        return register_features(self.pitch[None], self.previous[None], self.end[None],
+                                 np.array([cursor]), resolution)[0]
+
+
+def register_features(pitch: np.ndarray, previous: np.ndarray, end: np.ndarray, cursor: np.ndarray,
+                      resolution: int) -> np.ndarray:
+    """Features of many registers at once: ``(N, REGISTER_VOICES)`` arrays and cursors ``(N,)``
+    -> ``(N, REGISTER_FLOATS)`` float32 (the columns of the module docstring, voice by voice)."""
+    seen = pitch >= 0
+    gap = (end - cursor[:, None]) / resolution  # beats: > 0 still sounding, < 0 silent
+    out = np.zeros(pitch.shape + (VOICE_FEATURES,), dtype=np.float32)
+    out[..., 0] = seen
+    out[..., 1] = np.where(seen, np.minimum(np.log2(1 + np.maximum(gap, 0)) / 3, 1), 0)
+    out[..., 2] = np.where(seen, np.minimum(np.log2(1 + np.maximum(-gap, 0)) / 4, 1), 0)
+    out[..., 3] = np.where(seen, (pitch - CENTRE_PITCH) / 24, 0)
+    out[..., 4] = np.where(seen, np.clip((pitch - previous) / 12, -1, 1), 0)
+    return out.reshape(len(pitch), REGISTER_FLOATS)
+
+
+def stacked_features(registers: list[VoiceRegister], cursors: np.ndarray, resolution: int) -> np.ndarray:
+    """:func:`register_features` of several registers (one per stream) at their cursors."""
+    if not registers:
+        return np.zeros((0, REGISTER_FLOATS), dtype=np.float32)
+    stack = lambda name: np.stack([getattr(r, name) for r in registers])
+    return register_features(stack("pitch"), stack("previous"), stack("end"), np.asarray(cursors), resolution)
