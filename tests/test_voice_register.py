@@ -15,7 +15,7 @@ from model.tokenizer.dna import TOKEN_FLOATS
 from model.tokenizer.stream import StreamDecoder, register_rows
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import NOTE, TokenizerError
-from model.tokenizer.voice_register import REGISTER_VOICES, VOICE_FEATURES, VoiceRegister
+from model.tokenizer.voice_register import REGISTER_VOICES, VOICE_FEATURES, VOICE_FLOATS, VoiceRegister
 from tests.midi_builders import build_midi
 from tests.model_shapes import token_shape
 
@@ -32,7 +32,7 @@ def tokenized(notes):
 
 def voice_rows(floats: np.ndarray) -> np.ndarray:
     """(T, REGISTER_VOICES, VOICE_FEATURES): the register columns of DNA, voice by voice."""
-    return floats[:, TOKEN_FLOATS:].reshape(len(floats), REGISTER_VOICES, VOICE_FEATURES)
+    return floats[:, TOKEN_FLOATS:TOKEN_FLOATS + VOICE_FLOATS].reshape(len(floats), REGISTER_VOICES, VOICE_FEATURES)
 
 
 def test_register_says_where_each_voice_stands():
@@ -47,6 +47,8 @@ def test_register_says_where_each_voice_stands():
     assert soprano == pytest.approx([1, 1 / 3, 0, 14 / 24, 2 / 12])
     assert bass == pytest.approx([1, 1 / 3, 0, -12 / 24, 0])
     assert not rows[2:].any(), "voices that never played stay empty"
+    key = floats[d5, TOKEN_FLOATS + VOICE_FLOATS:]
+    assert key.sum() == pytest.approx(2) and np.count_nonzero(key) == 2  # C and D so far
     first = voice_rows(floats)[notes[0]]
     assert first[seq.voice[notes[0]], 4] == 0, "a voice's first note has no motion"
 

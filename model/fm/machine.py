@@ -14,7 +14,7 @@ from model.fm.lookup import DNALookup
 from model.fm.note_head import NoteHead
 from model.fm.state import FieldState, FMOutput
 from model.tokenizer.dna import TOKEN_FLOATS
-from model.tokenizer.voice_register import REGISTER_FLOATS
+from model.tokenizer.voice_register import KEY_FLOATS, VOICE_FLOATS
 
 
 class FieldMachine(nn.Module):
@@ -26,10 +26,14 @@ class FieldMachine(nn.Module):
         self.voice_embedding = nn.Embedding(c.voice_slots, c.voice_embedding)
         self.project = nn.Linear(c.dna_width, stream)
         self.lookup = DNALookup(stream) if c.dna_lookup else None
-        self.register = nn.Linear(REGISTER_FLOATS, stream) if c.voice_register else None
-        if self.register is not None:  # starts silent: a model given a register later begins as it was
-            nn.init.zeros_(self.register.weight)
-            nn.init.zeros_(self.register.bias)
+        # The register's voices and its key profile, each projected on its own; both start silent,
+        # so a model given the register later (model.train --init_from) begins as it was.
+        self.register = nn.Linear(VOICE_FLOATS, stream) if c.voice_register else None
+        self.key_profile = nn.Linear(KEY_FLOATS, stream) if c.voice_register else None
+        for part in (self.register, self.key_profile):
+            if part is not None:
+                nn.init.zeros_(part.weight)
+                nn.init.zeros_(part.bias)
         if c.field_layers:
             self.layers = nn.ModuleList(FieldLayer(c.width, c.field_floats, c.decoder_hidden, c.dropout,
                                                    c.field_layers) for _ in range(c.field_layers))
@@ -63,7 +67,9 @@ class FieldMachine(nn.Module):
         if self.lookup is not None:
             x = x + self.lookup(own).to(x.dtype)
         if self.register is not None:
-            x = x + self.register(dna[..., TOKEN_FLOATS:].to(self.register.weight.dtype)).to(x.dtype)
+            voices, key = dna[..., TOKEN_FLOATS:TOKEN_FLOATS + VOICE_FLOATS], dna[..., TOKEN_FLOATS + VOICE_FLOATS:]
+            x = x + self.register(voices.to(self.register.weight.dtype)).to(x.dtype)
+            x = x + self.key_profile(key.to(self.key_profile.weight.dtype)).to(x.dtype)
         return x
 
     def readout(self, field: Tensor, positions: Tensor, current: Tensor,

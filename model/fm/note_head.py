@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from model.fm.factored_head import PART_SIZES, part_tables
 from model.tokenizer.vocabulary import NOTE
-from model.tokenizer.voice_register import CENTRE_PITCH, REGISTER_VOICES, VOICE_FEATURES
+from model.tokenizer.voice_register import CENTRE_PITCH, REGISTER_VOICES, VOICE_FEATURES, VOICE_FLOATS
 
 NOTE_HEAD_WIDTH = 128
 LINE_FEATURES = 7
@@ -50,7 +50,7 @@ class LineBias(nn.Module):
 
     def forward(self, register: Tensor, pitch: Tensor) -> Tensor:
         """``register`` (…, REGISTER_FLOATS) and the chosen pitch (…) -> (…, max_voices) logits."""
-        rows = register.float().unflatten(-1, (REGISTER_VOICES, VOICE_FEATURES))
+        rows = register[..., :VOICE_FLOATS].float().unflatten(-1, (REGISTER_VOICES, VOICE_FEATURES))
         seen, held, resting, last, motion = rows.unbind(-1)
         gap = (pitch.float().unsqueeze(-1) - (last * 24 + CENTRE_PITCH)) / 12 * seen
         features = torch.stack((seen, held, resting, motion, gap, gap.abs(), gap * motion), dim=-1)

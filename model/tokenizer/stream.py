@@ -147,8 +147,9 @@ class StreamDecoder:
         """Push ``sequence`` into this decoder; per token, what its DNA needs from the stream after
         it: the bar length in force ``(T,)`` and the voice register's features ``(T, REGISTER_FLOATS)``."""
         steps, lengths = np.empty(len(sequence), dtype=np.int64), np.empty(len(sequence), dtype=np.float64)
-        rows = {name: np.empty((len(sequence),) + getattr(self.register, name).shape, dtype=np.int64)
-                for name in ("pitch", "previous", "end")}
+        rows = {name: np.empty((len(sequence),) + getattr(self.register, name).shape,
+                               dtype=getattr(self.register, name).dtype)
+                for name in ("pitch", "previous", "end", "recent")}
         timebase = self.tokenizer.timebase
         for i, (token, velocity, voice) in enumerate(zip(sequence.ids.tolist(), sequence.velocity.tolist(),
                                                          sequence.voice.tolist())):
@@ -156,7 +157,7 @@ class StreamDecoder:
             lengths[i], steps[i] = self.bar_length, timebase.steps_from_grid(self.cursor)
             for name, row in rows.items():
                 row[i] = getattr(self.register, name)
-        features = register_features(rows["pitch"], rows["previous"], rows["end"], steps,
+        features = register_features(rows["pitch"], rows["previous"], rows["end"], rows["recent"], steps,
                                      self.tokenizer.config.resolution)
         return lengths, features
 

@@ -27,24 +27,34 @@ col    feature    value
 =====  =========  ==============================================================================
 
 The first :data:`REGISTER_VOICES` voices have their own rows (higher voices share the last one).
+After them come :data:`KEY_FLOATS` columns for the key the notes imply: every note adds one to its
+pitch class and all twelve decay by :data:`KEY_DECAY` per note (a memory of about 64 notes); the
+columns are the shares, times 2 (zero before the first note). A model that sees only its field
+drifts out of its prompt's key; this keeps the recent pitch classes in view.
 The register is a function of the tokens alone, so it is built the same way in training (one pass
 over a file) and in generation (one note at a time), and it is part of a stream's fixed-size state:
-4 integers per voice, whatever the length of the music.
+4 integers per voice and 12 floats, whatever the length of the music.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+import math
+
 REGISTER_VOICES = 16
 VOICE_FEATURES = 5
-REGISTER_FLOATS = REGISTER_VOICES * VOICE_FEATURES
-FIELDS = ("pitch", "previous", "onset", "end")
+VOICE_FLOATS = REGISTER_VOICES * VOICE_FEATURES
+KEY_FLOATS = 12
+KEY_DECAY = math.exp(-1 / 64)
+REGISTER_FLOATS = VOICE_FLOATS + KEY_FLOATS
+FIELDS = ("pitch", "previous", "onset", "end", "recent")
 CENTRE_PITCH = 60
 
 
 class VoiceRegister:
-    """Each voice's latest top note, the one before, its onset and end (internal steps)."""
+    """Each voice's latest top note, the one before, its onset and end (internal steps); the
+    decayed pitch-class weights of recent notes."""
 
     __slots__ = FIELDS
 
@@ -53,6 +63,7 @@ class VoiceRegister:
         self.previous = np.full(REGISTER_VOICES, -1, dtype=np.int64)
         self.onset = np.full(REGISTER_VOICES, -1, dtype=np.int64)
         self.end = np.zeros(REGISTER_VOICES, dtype=np.int64)
+        self.recent = np.zeros(KEY_FLOATS, dtype=np.float64)
 
     def copy(self) -> "VoiceRegister":
         twin = VoiceRegister.__new__(VoiceRegister)
@@ -63,6 +74,8 @@ class VoiceRegister:
     def note(self, voice: int, pitch: int, onset: int, end: int) -> None:
         """A note of ``voice`` at ``onset`` until ``end`` (internal steps)."""
         v = min(max(voice, 0), REGISTER_VOICES - 1)
+        self.recent *= KEY_DECAY
+        self.recent[pitch % 12] += 1
         if self.onset[v] == onset:  # another note of the same chord: the top note stays the line's
             self.pitch[v] = max(self.pitch[v], pitch)
             self.end[v] = max(self.end[v], end)
@@ -80,22 +93,24 @@ class VoiceRegister:
         malformed one)."""
         register = cls()
         for name in FIELDS:
-            values = np.asarray(state[name], dtype=np.int64)
-            if values.shape != (REGISTER_VOICES,):
-                raise ValueError(f"register {name} must hold {REGISTER_VOICES} integers")
+            want = getattr(register, name)
+            values = np.asarray(state[name], dtype=want.dtype)
+            if values.shape != want.shape or not np.isfinite(values).all():
+                raise ValueError(f"register {name} must hold {len(want)} numbers")
             setattr(register, name, values)
         return register
 
     def features(self, cursor: int, resolution: int) -> np.ndarray:
         """``(REGISTER_FLOATS,)`` float32: every voice at the internal step ``cursor``."""
-        return register_features(self.pitch[None], self.previous[None], self.end[None],
+        return register_features(self.pitch[None], self.previous[None], self.end[None], self.recent[None],
                                  np.array([cursor]), resolution)[0]
 
 
-def register_features(pitch: np.ndarray, previous: np.ndarray, end: np.ndarray, cursor: np.ndarray,
-                      resolution: int) -> np.ndarray:
-    """Features of many registers at once: ``(N, REGISTER_VOICES)`` arrays and cursors ``(N,)``
-    -> ``(N, REGISTER_FLOATS)`` float32 (the columns of the module docstring, voice by voice)."""
+def register_features(pitch: np.ndarray, previous: np.ndarray, end: np.ndarray, recent: np.ndarray,
+                      cursor: np.ndarray, resolution: int) -> np.ndarray:
+    """Features of many registers at once: ``(N, REGISTER_VOICES)`` arrays, ``(N, KEY_FLOATS)``
+    pitch-class weights and cursors ``(N,)`` -> ``(N, REGISTER_FLOATS)`` float32 (the columns of
+    the module docstring: voice by voice, then the key)."""
     seen = pitch >= 0
     gap = (end - cursor[:, None]) / resolution  # beats: > 0 still sounding, < 0 silent
     out = np.zeros(pitch.shape + (VOICE_FEATURES,), dtype=np.float32)
@@ -104,7 +119,9 @@ def register_features(pitch: np.ndarray, previous: np.ndarray, end: np.ndarray, 
     out[..., 2] = np.where(seen, np.minimum(np.log2(1 + np.maximum(-gap, 0)) / 4, 1), 0)
     out[..., 3] = np.where(seen, (pitch - CENTRE_PITCH) / 24, 0)
     out[..., 4] = np.where(seen, np.clip((pitch - previous) / 12, -1, 1), 0)
-    return out.reshape(len(pitch), REGISTER_FLOATS)
+    total = recent.sum(axis=1, keepdims=True)
+    key = 2 * recent / np.where(total > 0, total, 1)
+    return np.concatenate([out.reshape(len(pitch), VOICE_FLOATS), key.astype(np.float32)], axis=1)
 
 
 def stacked_features(registers: list[VoiceRegister], cursors: np.ndarray, resolution: int) -> np.ndarray:
@@ -112,4 +129,5 @@ def stacked_features(registers: list[VoiceRegister], cursors: np.ndarray, resolu
     if not registers:
         return np.zeros((0, REGISTER_FLOATS), dtype=np.float32)
     stack = lambda name: np.stack([getattr(r, name) for r in registers])
-    return register_features(stack("pitch"), stack("previous"), stack("end"), np.asarray(cursors), resolution)
+    return register_features(stack("pitch"), stack("previous"), stack("end"), stack("recent"),
+                             np.asarray(cursors), resolution)
