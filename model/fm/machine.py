@@ -28,12 +28,14 @@ class FieldMachine(nn.Module):
         self.lookup = DNALookup(stream) if c.dna_lookup else None
         # The register's voices and its key profile, each projected on its own; both start silent,
         # so a model given the register later (model.train --init_from) begins as it was.
+        # (one bias between them: the register's)
         self.register = nn.Linear(VOICE_FLOATS, stream) if c.voice_register else None
-        self.key_profile = nn.Linear(KEY_FLOATS, stream) if c.voice_register else None
+        self.key_profile = nn.Linear(KEY_FLOATS, stream, bias=False) if c.voice_register else None
         for part in (self.register, self.key_profile):
             if part is not None:
                 nn.init.zeros_(part.weight)
-                nn.init.zeros_(part.bias)
+        if self.register is not None:
+            nn.init.zeros_(self.register.bias)
         if c.field_layers:
             self.layers = nn.ModuleList(FieldLayer(c.width, c.field_floats, c.decoder_hidden, c.dropout,
                                                    c.field_layers) for _ in range(c.field_layers))

@@ -44,9 +44,10 @@ class LineBias(nn.Module):
     def __init__(self, max_voices: int) -> None:
         super().__init__()
         self.max_voices = max_voices
-        self.net = nn.Sequential(nn.Linear(LINE_FEATURES, LINE_HIDDEN), nn.GELU(), nn.Linear(LINE_HIDDEN, 1))
+        # No output bias: one number added to every voice's logit changes nothing (and, with no
+        # gradient but rounding noise, Adam would only walk it at random).
+        self.net = nn.Sequential(nn.Linear(LINE_FEATURES, LINE_HIDDEN), nn.GELU(), nn.Linear(LINE_HIDDEN, 1, bias=False))
         nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
 
     def forward(self, register: Tensor, pitch: Tensor) -> Tensor:
         """``register`` (…, REGISTER_FLOATS) and the chosen pitch (…) -> (…, max_voices) logits."""
