@@ -46,6 +46,26 @@ def test_resume_continues_from_latest(tmp_path):
     assert fresh.returncode == 0 and load_checkpoint(tmp_path / "run" / "latest").step == first.step
 
 
+def test_init_from_adds_the_voice_register_to_a_trained_model(tmp_path):
+    """--init_from: a new run starts from a checkpoint's weights, the register's new weights at
+    zero; a checkpoint that is not there is a clear error."""
+    corpus = tiny_corpus(tmp_path / "midi", files=6)
+    common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16",
+              "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c"), "--epochs", "1"]
+    plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"), "--no-voice_register")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    grown = run_module("model.train", *common, "--out_dir", str(tmp_path / "grown"),
+                       "--init_from", str(tmp_path / "plain" / "latest"), "--voice_register")
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    assert "new: key_profile.weight, note_head.lines" in grown.stderr
+    start, after = load_checkpoint(tmp_path / "plain" / "latest"), load_checkpoint(tmp_path / "grown" / "latest")
+    assert after.model_config["voice_register"] and not start.model_config["voice_register"]
+    assert after.tokenizer.vocab == start.tokenizer.vocab and after.step == start.step  # step 0 again, one epoch
+    missing = run_module("model.train", *common, "--out_dir", str(tmp_path / "none"),
+                         "--init_from", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
 def test_transpose_fits_the_vocabulary_on_every_shift(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi", files=6)
     common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16", "--max_seq_len", "64",
