@@ -493,7 +493,7 @@ class Engine:
     def _played_dna(self, sequence: TokenSequence, before: StreamDecoder) -> tuple[np.ndarray, np.ndarray]:
         """DNA of played tokens, each with the bar length and voice register after it, from where
         the stream's decoder stood before them (``before``, which this pushes them into)."""
-        lengths, register = before.contexts(sequence)
+        lengths, register, _ = before.contexts(sequence)
         return self.tokenizer.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths, register)
 
     def _release(self, stream: Stream) -> None:

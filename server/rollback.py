@@ -79,7 +79,7 @@ def replay(checkpoint: Checkpoint, tokens: list[LoggedToken], tokenizer: Tokeniz
     as_array = lambda values: np.asarray(values, dtype=np.int64)
     sequence = TokenSequence(as_array([t.token for t in tokens]), as_array([t.velocity for t in tokens]),
                              as_array([t.voice for t in tokens]))
-    lengths, register = decoder.contexts(sequence)
+    lengths, register, _ = decoder.contexts(sequence)
     for entry in tokens:
         if entry.step != PLAYED:
             steps = entry.step + 1

@@ -168,15 +168,32 @@ def test_a_format_2_checkpoint_loads_as_one_without_the_voice_register(tmp_path:
     """Checkpoints written before the voice register (format 2) still load and generate."""
     tokenizer = Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + [TokenKey(BAR, 4, 4, 0)])
     config = ModelConfig(**token_shape(tokenizer.vocab_size), dim=8, field_layers=2, width=8,
-                         decoder_hidden=8, voice_embedding=4, voice_register=False)
+                         decoder_hidden=8, voice_embedding=4, voice_register=False, chord_voices=False)
     fm = FieldMachine(config).eval()
     save_checkpoint(tmp_path / "old", model=fm, model_config=config, tokenizer=tokenizer, step=5, epoch=1)
     file = tmp_path / "old" / "config.json"
     stored = json.loads(file.read_text())
-    del stored["model"]["voice_register"]
+    del stored["model"]["voice_register"], stored["model"]["chord_voices"]
     file.write_text(json.dumps({**stored, "format": 2}))
     loaded, _, _ = load_model(tmp_path / "old")
-    assert loaded.config == config and loaded.register is None
+    assert loaded.config == config and loaded.register is None and loaded.note_head.chords is None
+
+
+def test_a_format_3_checkpoint_loads_as_one_without_the_chord_term(tmp_path: Path) -> None:
+    """Checkpoints written before the note head's chord term (format 3, the voice register's) load."""
+    tokenizer = Tokenizer(vocab=[special_key(k) for k in SPECIAL_KINDS] + [TokenKey(BAR, 4, 4, 0)])
+    config = ModelConfig(**token_shape(tokenizer.vocab_size), dim=8, field_layers=2, width=8,
+                         decoder_hidden=8, voice_embedding=4, chord_voices=False)
+    fm = FieldMachine(config).eval()
+    save_checkpoint(tmp_path / "old", model=fm, model_config=config, tokenizer=tokenizer, step=5, epoch=1)
+    file = tmp_path / "old" / "config.json"
+    stored = json.loads(file.read_text())
+    del stored["model"]["chord_voices"]
+    file.write_text(json.dumps({**stored, "format": 3}))
+    loaded, _, _ = load_model(tmp_path / "old")
+    assert loaded.config == config and loaded.register is not None and loaded.note_head.chords is None
+    with pytest.raises(ValueError, match="--no-chord_voices"):
+        ModelConfig(**token_shape(tokenizer.vocab_size), voice_register=False)
 
 
 # ====================================================================== resuming

@@ -10,6 +10,7 @@ from model.fm.loss import sequence_loss
 from model.fm.machine import FieldMachine
 from model.fm.state import FieldState
 from model.tokenizer.dna import DNA_FLOATS
+from model.tokenizer.voice_register import REGISTER_VOICES
 from tests.model_shapes import token_shape
 
 # One field read by the MLP decoder (field_layers 0) and deep machines of 1 to 8 field layers.
@@ -146,7 +147,7 @@ def test_loss_and_heads_train(variant):
     for _ in range(60):
         out = model(dna, slots)
         loss = sequence_loss(model, out, targets, torch.zeros_like(targets), torch.ones_like(targets),
-                             mask, torch.ones_like(mask), dna)
+                             mask, torch.ones_like(mask), dna, torch.zeros(2, 12, REGISTER_VOICES))
         opt.zero_grad()
         loss["total"].backward()
         opt.step()

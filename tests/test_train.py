@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import torch
+
 from model.checkpoint.format import load_checkpoint
 from model.tokenizer.vocabulary import NOTE
 from tests.conftest import run_module, tiny_corpus, wait_for_training_steps
@@ -52,7 +54,8 @@ def test_init_from_adds_the_voice_register_to_a_trained_model(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi", files=6)
     common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16",
               "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c"), "--epochs", "1"]
-    plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"), "--no-voice_register")
+    plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"), "--no-voice_register",
+                       "--no-chord_voices")
     assert plain.returncode == 0, plain.stderr[-2000:]
     grown = run_module("model.train", *common, "--out_dir", str(tmp_path / "grown"),
                        "--init_from", str(tmp_path / "plain" / "latest"), "--voice_register")
@@ -64,6 +67,29 @@ def test_init_from_adds_the_voice_register_to_a_trained_model(tmp_path):
     missing = run_module("model.train", *common, "--out_dir", str(tmp_path / "none"),
                          "--init_from", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_trainable_fits_the_note_head_and_leaves_every_other_weight_as_it_was(tmp_path):
+    """--init_from a model without the chord term, --trainable note_head: the chord term is added and
+    trained, every weight outside the note head stays bit for bit; an unknown prefix is exit 2."""
+    corpus = tiny_corpus(tmp_path / "midi", files=6)
+    common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16",
+              "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c"), "--epochs", "1"]
+    plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"), "--no-chord_voices")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    head = run_module("model.train", *common, "--out_dir", str(tmp_path / "head"), "--chord_voices",
+                      "--init_from", str(tmp_path / "plain" / "latest"), "--trainable", "note_head", "--lr", "1e-2")
+    assert head.returncode == 0, head.stderr[-2000:]
+    assert "new: note_head.chords" in head.stderr
+    start = load_checkpoint(tmp_path / "plain" / "latest").state_dict
+    after = load_checkpoint(tmp_path / "head" / "latest").state_dict
+    body = [k for k in start if not k.startswith("note_head.")]
+    assert body and all(torch.equal(start[k], after[k]) for k in body)
+    assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("note_head."))
+    assert after["note_head.chords.net.2.weight"].abs().sum() > 0  # the new term left zero
+    wrong = run_module("model.train", *common, "--out_dir", str(tmp_path / "wrong"),
+                       "--init_from", str(tmp_path / "plain" / "latest"), "--trainable", "note_hed")
+    assert wrong.returncode == 2 and "note_hed" in wrong.stderr and "note_head" in wrong.stderr
 
 
 def test_transpose_fits_the_vocabulary_on_every_shift(tmp_path):

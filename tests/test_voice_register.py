@@ -12,7 +12,7 @@ from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator, StreamStep
 from model.midi.read import read_midi
 from model.tokenizer.dna import TOKEN_FLOATS
-from model.tokenizer.stream import StreamDecoder, register_rows
+from model.tokenizer.stream import StreamDecoder, chord_rows, register_rows
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import NOTE, TokenizerError
 from model.tokenizer.voice_register import REGISTER_VOICES, VOICE_FEATURES, VOICE_FLOATS, VoiceRegister
@@ -119,14 +119,64 @@ def test_the_note_head_reads_the_register():
     near[1].note(0, pitch + 20, 0, 24), near[1].note(1, pitch - 1, 0, 24)
     register = torch.from_numpy(np.stack([r.features(24, tokenizer.config.resolution) for r in near]))
     hidden = torch.zeros(2, model.config.hidden_width)
-    before, _ = model.note_logits(hidden, note.expand(2), register)
+    playing = torch.zeros(2, REGISTER_VOICES)  # no voice plays where the note starts
+    before, _ = model.note_logits(hidden, note.expand(2), register, playing)
     torch.testing.assert_close(before[0], before[1])
     optimizer = torch.optim.Adam(model.note_head.parameters(), lr=3e-2)
     for _ in range(100):  # the voice that is a step away is the one that plays the note
-        voice, _ = model.note_logits(hidden, note.expand(2), register)
+        voice, _ = model.note_logits(hidden, note.expand(2), register, playing)
         loss = torch.nn.functional.cross_entropy(voice, torch.tensor([0, 1]))
         optimizer.zero_grad(), loss.backward(), optimizer.step()
-    after, _ = model.note_logits(hidden, note.expand(2), register)
+    after, _ = model.note_logits(hidden, note.expand(2), register, playing)
     assert after[0].argmax() == 0 and after[1].argmax() == 1
     with pytest.raises(ValueError, match="voice register"):
         model.note_logits(hidden, note.expand(2))
+
+
+def test_the_note_head_reads_the_voices_already_playing():
+    """The same hidden state, chosen note and register (two voices, equally far from the note), and
+    voice 0 or voice 1 already striking where the note starts: once trained, the note goes to the
+    other voice; a zero-initialised chord term starts the same for both."""
+    tokenizer, seq = tokenized(SOPRANO_AND_BASS)
+    torch.manual_seed(0)
+    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=16, field_layers=2, width=8,
+                                     decoder_hidden=8, dropout=0.0))
+    model.set_vocabulary(tokenizer.vocab)
+    note = torch.tensor([int(seq.ids[np.flatnonzero(tokenizer.kinds(seq.ids) == NOTE)[0]])])
+    pitch = tokenizer.vocab[int(note)].a
+    both = VoiceRegister()
+    both.note(0, pitch + 3, 0, 24), both.note(1, pitch - 3, 0, 24)
+    register = torch.from_numpy(np.stack([both.features(0, tokenizer.config.resolution)] * 2))
+    playing = torch.zeros(2, REGISTER_VOICES)
+    playing[0, 0] = playing[1, 1] = 1
+    hidden = torch.zeros(2, model.config.hidden_width)
+    before, _ = model.note_logits(hidden, note.expand(2), register, playing)
+    torch.testing.assert_close(before[0], before[1])
+    optimizer = torch.optim.Adam(model.note_head.chords.parameters(), lr=3e-2)
+    for _ in range(100):
+        voice, _ = model.note_logits(hidden, note.expand(2), register, playing)
+        loss = torch.nn.functional.cross_entropy(voice, torch.tensor([1, 0]))
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    after, _ = model.note_logits(hidden, note.expand(2), register, playing)
+    assert after[0].argmax() == 1 and after[1].argmax() == 0
+    with pytest.raises(ValueError, match="playing at the note's onset"):
+        model.note_logits(hidden, note.expand(2), register)
+
+
+def test_training_and_generation_see_the_same_voices_playing():
+    """Per token, the voices already striking where it starts: one pass over a file (training)
+    equals asking a decoder before each token (generation); in a chord, the second note sees the
+    first one's voice."""
+    tokenizer, seq = tokenized(SOPRANO_AND_BASS + [(1, 1, 67, 80, 2)])
+    _, _, chords = tokenizer.dna_and_chords(seq)
+    decoder = StreamDecoder(tokenizer)
+    rows = []
+    for token, velocity, voice in zip(seq.ids.tolist(), seq.velocity.tolist(), seq.voice.tolist()):
+        rows.append(chord_rows([decoder], [token])[0])
+        decoder.push(token, velocity, voice)
+    np.testing.assert_array_equal(np.stack(rows), chords)
+    notes = [i for i, t in enumerate(seq.ids.tolist()) if tokenizer.vocab[t].kind == NOTE]
+    assert chords[notes[0]].sum() == 0, "the first note of the piece joins no chord"
+    second_at_zero = [i for i in notes[1:] if chords[i].any()]
+    assert second_at_zero and all(chords[i].sum() >= 1 for i in second_at_zero)
+    assert chords[[i for i in range(len(seq)) if i not in notes]].sum() == 0, "only notes join chords"

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 # config.json "format"; bump when the layout or a file's meaning changes. 2: the note head
 # (voice and velocity given the chosen token) and field layers. 3: the voice register (a format 2
+# checkpoint is read as one without it). 4: the note head's chord term (``chord_voices``; a format 3
 # checkpoint is read as one without it).
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
+NO_CHORD_FORMAT = 3
 NO_REGISTER_FORMAT = 2
 
 CONFIG_FILE = "config.json"
@@ -296,8 +298,10 @@ def _read_config(file: Path) -> dict:
     data = read_json(file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(data).__name__}")
-    if data.get("format") == NO_REGISTER_FORMAT and isinstance(data.get("model"), dict):
-        data["model"].setdefault("voice_register", False)
+    if data.get("format") in (NO_REGISTER_FORMAT, NO_CHORD_FORMAT) and isinstance(data.get("model"), dict):
+        if data["format"] == NO_REGISTER_FORMAT:
+            data["model"].setdefault("voice_register", False)
+        data["model"].setdefault("chord_voices", False)
         data["format"] = CHECKPOINT_FORMAT
     if data.get("format") != CHECKPOINT_FORMAT:
         hint = (": it was trained before voice and velocity were chosen for each note; train it again "

@@ -47,8 +47,12 @@ class ModelConfig:
     dna_lookup: bool = field(default=False, metadata={"help": "Add learned rows for the DNA's discrete values (pitch, pitch class, octave, duration, beat position, velocity) to its projection."})
     field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
     voice_register: bool = field(default=True, metadata={"help": "Read the voice register beside each token (each voice's latest note: model.tokenizer.voice_register) and give the note head each voice's distance to the chosen note."})
+    chord_voices: bool = field(default=True, metadata={"help": "Give the note head, per voice, whether that voice already plays at the chosen note's onset (a voice of a piece in parts rarely strikes two notes at once); needs voice_register."})
 
     def __post_init__(self) -> None:
+        if self.chord_voices and not self.voice_register:
+            raise ValueError("chord_voices needs voice_register (the note head reads both together): "
+                             "with --no-voice_register pass --no-chord_voices too")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, not {self.readout!r}")
         if self.head not in HEADS:

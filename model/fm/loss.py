@@ -12,20 +12,22 @@ NOTE_LOSS_WEIGHT = 0.1  # weight of the voice and velocity losses beside the tok
 
 
 def sequence_loss(model: nn.Module, out: FMOutput, targets: Tensor, velocity: Tensor, voice: Tensor,
-                  mask: Tensor, is_note: Tensor, dna: Tensor) -> dict[str, Tensor]:
+                  mask: Tensor, is_note: Tensor, dna: Tensor, chords: Tensor | None = None) -> dict[str, Tensor]:
     """Mean next-token cross-entropy over ``mask``; velocity and voice losses over next notes.
 
     All targets (B, T) are already shifted (target t is token t+1). The note head is
     teacher-forced: ``model.note_logits`` reads each next note's true token, as generation feeds
-    it the sampled one, with the voice register of the inputs' ``dna`` (B, T, DNA_FLOATS). Returns the token loss (``token``, nats per token), the head losses and
+    it the sampled one, with the voice register of the inputs' ``dna`` (B, T, DNA_FLOATS) and ``chords``
+    (B, T, REGISTER_VOICES), the voices already playing where each target starts (needed by a
+    model with ``chord_voices``). Returns the token loss (``token``, nats per token), the head losses and
     their weighted sum (``total``) for backprop.
     """
-    sums = sequence_loss_sums(model, out, targets, velocity, voice, mask, is_note, dna)
+    sums = sequence_loss_sums(model, out, targets, velocity, voice, mask, is_note, dna, chords)
     return mean_losses(sums, sums["tokens"], sums["notes"])
 
 
 def sequence_loss_sums(model: nn.Module, out: FMOutput, targets: Tensor, velocity: Tensor, voice: Tensor,
-                       mask: Tensor, is_note: Tensor, dna: Tensor) -> dict[str, Tensor]:
+                       mask: Tensor, is_note: Tensor, dna: Tensor, chords: Tensor | None = None) -> dict[str, Tensor]:
     """The sums behind :func:`sequence_loss`: ``token``, ``velocity`` and ``voice`` (summed NLL, nats)
     and the counts they are over, ``tokens`` (real targets) and ``notes`` (real note targets).
 
@@ -40,7 +42,8 @@ def sequence_loss_sums(model: nn.Module, out: FMOutput, targets: Tensor, velocit
     notes = (mask & is_note).reshape(-1)
     hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[notes]
     register = dna[..., TOKEN_FLOATS:].reshape(-1, dna.shape[-1] - TOKEN_FLOATS)[notes]
-    voice_logits, velocity_logits = model.note_logits(hidden, targets.reshape(-1)[notes], register)
+    playing = None if chords is None else chords.reshape(-1, chords.shape[-1])[notes]
+    voice_logits, velocity_logits = model.note_logits(hidden, targets.reshape(-1)[notes], register, playing)
     vel = F.cross_entropy(velocity_logits.float(), velocity.reshape(-1)[notes], reduction="sum")
     voi = F.cross_entropy(voice_logits.float(), voice.reshape(-1)[notes], reduction="sum")
     return {"token": token, "velocity": vel, "voice": voi, "tokens": mask.sum(), "notes": notes.sum()}

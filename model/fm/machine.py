@@ -51,7 +51,7 @@ class FieldMachine(nn.Module):
         self.token_head = (FactoredHead(c.vocab_size, c.hidden_width) if c.head == "factored"
                            else nn.Linear(c.hidden_width, c.vocab_size))
         self.note_head = NoteHead(c.hidden_width, c.max_voices, c.velocity_levels,
-                                  voice_register=c.voice_register)
+                                  voice_register=c.voice_register, chord_voices=c.chord_voices)
         # Token -> rows of the part tables, shared by the factored head and the note head.
         self.register_buffer("token_parts", torch.zeros(c.vocab_size, 3, dtype=torch.int64))
 
@@ -89,12 +89,14 @@ class FieldMachine(nn.Module):
                   else self.token_head(hidden))
         return FMOutput(logits, hidden)
 
-    def note_logits(self, hidden: Tensor, tokens: Tensor, register: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor]:
+    def note_logits(self, hidden: Tensor, tokens: Tensor, register: Tensor | None = None,
+                    chords: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Voice and velocity logits of the note ``tokens`` (…) chosen after ``hidden`` (…, width),
         with the voice register's features there (…, REGISTER_FLOATS): the DNA columns past
-        ``TOKEN_FLOATS`` of the token read last (needed when ``voice_register`` is on)."""
-        return self.note_head(hidden, self.token_parts[tokens], register)
+        ``TOKEN_FLOATS`` of the token read last (needed when ``voice_register`` is on), and the
+        voices already playing where the note starts (…, REGISTER_VOICES) (needed when
+        ``chord_voices`` is on: :func:`model.tokenizer.stream.chord_rows`)."""
+        return self.note_head(hidden, self.token_parts[tokens], register, chords)
 
     def split_field(self, field: Tensor) -> tuple[Tensor, ...]:
         """A stream's field (…, dim) as the fields of its layers."""

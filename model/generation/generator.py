@@ -28,7 +28,7 @@ from model.sampling.batch import SamplingBatch
 from model.sampling.config import SamplingConfig
 from model.sampling.sample import sample
 from model.tokenizer.sequences import TokenSequence
-from model.tokenizer.stream import DecodedNote, StreamDecoder, register_rows
+from model.tokenizer.stream import DecodedNote, StreamDecoder, chord_rows, register_rows
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BOS, EOS, PAD, UNK
 
@@ -185,11 +185,12 @@ class BatchGenerator:
     def note_parts(self, tokens: torch.Tensor, out: FMOutput, decoders: list[StreamDecoder], batch: SamplingBatch,
                    banned_voices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The voice and velocity level of each stream's chosen token (B,), drawn from the note
-        head given that token and the voice register the stream's decoder holds before it, with
-        the stream's temperature and random numbers; never a voice ``banned_voices``
-        (B, max_voices) marks for its stream."""
+        head given that token, the voice register the stream's decoder holds before it and the
+        voices already playing where the token starts, with the stream's temperature and random
+        numbers; never a voice ``banned_voices`` (B, max_voices) marks for its stream."""
         register = torch.from_numpy(register_rows(decoders)).to(self.device)
-        voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens, register)
+        chords = torch.from_numpy(chord_rows(decoders, tokens.tolist())).to(self.device)
+        voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens, register, chords)
         if banned_voices is not None:
             voice_logits = voice_logits.float().masked_fill(banned_voices, float("-inf"))
         return (sample(voice_logits, batch, salt=VOICE_SALT),

@@ -127,9 +127,10 @@ class CausalTransformer(nn.Module):
         """The token -> parts table of the factored rows and the note head."""
         self.token_parts.copy_(token_part_rows(vocab))
 
-    def note_logits(self, hidden: Tensor, tokens: Tensor, register: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def note_logits(self, hidden: Tensor, tokens: Tensor, register: Tensor | None = None,
+                    chords: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """As :meth:`model.fm.machine.FieldMachine.note_logits` (the register reaches this model
-        through its DNA input only)."""
+        through its DNA input only; it has no chord term)."""
         return self.note_head(hidden, self.token_parts[tokens])
 
     def token_rows(self) -> tuple[Tensor, Tensor | None]:

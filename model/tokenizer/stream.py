@@ -16,7 +16,7 @@ import numpy as np
 
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.vocabulary import BAR, NOTE, REST, UNK, TokenizerError, TokenKey
-from model.tokenizer.voice_register import VoiceRegister, register_features, stacked_features
+from model.tokenizer.voice_register import VoiceRegister, chord_voices, register_features, stacked_features
 
 if TYPE_CHECKING:
     from model.tokenizer.tokenizer import Tokenizer
@@ -39,6 +39,22 @@ def register_rows(decoders: list["StreamDecoder"]) -> np.ndarray:
     timebase = decoders[0].tokenizer.timebase
     cursors = np.array([timebase.steps_from_grid(d.cursor) for d in decoders], dtype=np.int64)
     return stacked_features([d.register for d in decoders], cursors, decoders[0].tokenizer.config.resolution)
+
+
+def chord_rows(decoders: list["StreamDecoder"], tokens: list[int]) -> np.ndarray:
+    """``(B, REGISTER_VOICES)``: per decoder, the voices already playing at the onset where its
+    next token (``tokens``) would start (:func:`~model.tokenizer.voice_register.chord_voices`)."""
+    onsets = np.array([d.note_onset(t) for d, t in zip(decoders, tokens)], dtype=np.int64)
+    return chord_voices(np.stack([d.register.onset for d in decoders]) if decoders
+                        else np.zeros((0, len(VoiceRegister().onset)), np.int64), onsets)
+
+
+class StreamReading(NamedTuple):
+    """What reading a stream from its start gives per token (:meth:`StreamDecoder.contexts`)."""
+
+    bar_lengths: np.ndarray  # (T,) grid steps of the bar in force after each token
+    register: np.ndarray  # (T, REGISTER_FLOATS) the voice register's features after each token
+    chords: np.ndarray  # (T, REGISTER_VOICES) the voices already playing where each token starts
 
 
 class StreamDecoder:
@@ -138,28 +154,39 @@ class StreamDecoder:
         self.register.note(voice, note.pitch, note.onset, note.onset + note.duration)
         return note
 
+    def note_onset(self, token: int) -> int:
+        """Internal step where ``token`` would start if it came next (-2 when it is no note)."""
+        key = self.tokenizer.vocab[token]
+        if key.kind != NOTE:
+            return -2
+        return self.tokenizer.timebase.steps_from_grid(self.bar_start + key.c)
+
     def register_features(self) -> np.ndarray:
         """The voice register's features at the cursor (:mod:`model.tokenizer.voice_register`)."""
         return self.register.features(self.tokenizer.timebase.steps_from_grid(self.cursor),
                                       self.tokenizer.config.resolution)
 
-    def contexts(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray]:
+    def contexts(self, sequence: TokenSequence) -> StreamReading:
         """Push ``sequence`` into this decoder; per token, what its DNA needs from the stream after
-        it: the bar length in force ``(T,)`` and the voice register's features ``(T, REGISTER_FLOATS)``."""
+        it (the bar length in force and the voice register's features) and, for the note head, the
+        voices already playing where it starts (:class:`StreamReading`)."""
         steps, lengths = np.empty(len(sequence), dtype=np.int64), np.empty(len(sequence), dtype=np.float64)
+        onsets = np.empty((len(sequence),) + self.register.onset.shape, dtype=np.int64)
+        starts = np.empty(len(sequence), dtype=np.int64)
         rows = {name: np.empty((len(sequence),) + getattr(self.register, name).shape,
                                dtype=getattr(self.register, name).dtype)
                 for name in ("pitch", "previous", "end", "recent")}
         timebase = self.tokenizer.timebase
         for i, (token, velocity, voice) in enumerate(zip(sequence.ids.tolist(), sequence.velocity.tolist(),
                                                          sequence.voice.tolist())):
+            onsets[i], starts[i] = self.register.onset, self.note_onset(token)
             self.push(token, velocity, voice)
             lengths[i], steps[i] = self.bar_length, timebase.steps_from_grid(self.cursor)
             for name, row in rows.items():
                 row[i] = getattr(self.register, name)
         features = register_features(rows["pitch"], rows["previous"], rows["end"], rows["recent"], steps,
                                      self.tokenizer.config.resolution)
-        return lengths, features
+        return StreamReading(lengths, features, chord_voices(onsets, starts))
 
     def encode_notes(self, notes: Iterable[tuple[int, int, float, int, int]]) -> TokenSequence:
         """Append notes to the stream: ``(onset in grid steps, pitch, duration in beats, MIDI

@@ -368,5 +368,12 @@ class Tokenizer:
 
     def dna(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray]:
         """DNA of every event of a stream read from its start (:mod:`model.tokenizer.dna`)."""
-        lengths, register = StreamDecoder(self).contexts(sequence)
-        return self.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice, lengths, register)
+        return self.dna_and_chords(sequence)[:2]
+
+    def dna_and_chords(self, sequence: TokenSequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`dna` and, per token, the voices already playing where it starts ``(T,
+        REGISTER_VOICES)`` (what the note head reads beside a note: training needs it for every token)."""
+        reading = StreamDecoder(self).contexts(sequence)
+        floats, slots = self.token_dna.of_tokens(sequence.ids, sequence.velocity, sequence.voice,
+                                                 reading.bar_lengths, reading.register)
+        return floats, slots, reading.chords

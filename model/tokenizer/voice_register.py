@@ -124,6 +124,15 @@ def register_features(pitch: np.ndarray, previous: np.ndarray, end: np.ndarray, 
     return np.concatenate([out.reshape(len(pitch), VOICE_FLOATS), key.astype(np.float32)], axis=1)
 
 
+def chord_voices(onsets: np.ndarray, onset: np.ndarray) -> np.ndarray:
+    """``(N, REGISTER_VOICES)`` float32: 1 where a voice's latest note starts at ``onset`` (``(N,)``
+    internal steps, one per stream; -2 where the next token is no note), that is, where the voice
+    already plays in the chord the next note joins. ``onsets``: the registers' ``onset`` rows
+    ``(N, REGISTER_VOICES)``. The note head reads it (:class:`model.fm.note_head.ChordBias`): a
+    voice rarely strikes two notes at once in a piece written in parts."""
+    return (onsets == np.asarray(onset)[:, None]).astype(np.float32)
+
+
 def stacked_features(registers: list[VoiceRegister], cursors: np.ndarray, resolution: int) -> np.ndarray:
     """:func:`register_features` of several registers (one per stream) at their cursors."""
     if not registers:

@@ -12,6 +12,7 @@ from model.tokenizer.dna import DNA_FLOATS
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import NOTE
+from model.tokenizer.voice_register import REGISTER_VOICES
 
 
 @dataclass
@@ -24,13 +25,14 @@ class Example:
     velocity: np.ndarray
     voice: np.ndarray
     is_note: np.ndarray
+    chords: np.ndarray  # (T, REGISTER_VOICES) the voices already playing where each token starts
 
 
 def make_example(sequence: TokenSequence, tokenizer: Tokenizer) -> Example:
-    dna, slots = tokenizer.dna(sequence)
+    dna, slots, chords = tokenizer.dna_and_chords(sequence)
     return Example(sequence.ids, dna, slots, sequence.velocity,
                    np.minimum(sequence.voice, tokenizer.config.max_voices - 1),
-                   tokenizer.kinds(sequence.ids) == NOTE)
+                   tokenizer.kinds(sequence.ids) == NOTE, chords)
 
 
 def windows(examples: list[Example], max_len: int, rng: np.random.Generator | None) -> list[tuple[int, int, int]]:
@@ -50,8 +52,9 @@ def windows(examples: list[Example], max_len: int, rng: np.random.Generator | No
 
 
 def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad windows on the right into tensors: the inputs' ``dna`` (B, T, 7) and ``slots``, the
-    shifted ``targets``, ``velocity``, ``voice`` and ``is_note`` (B, T); ``mask`` marks real targets.
+    """Pad windows on the right into tensors: the inputs' ``dna`` (B, T, DNA_FLOATS) and ``slots``,
+    the shifted ``targets``, ``velocity``, ``voice`` and ``is_note`` (B, T) and the voices already
+    playing where each target starts, ``chords`` (B, T, REGISTER_VOICES); ``mask`` marks real targets.
 
     An empty ``batch`` gives one row of padding with nothing to score: a rank whose share of a
     short global batch is empty still runs the model, as every rank of a DDP step must.
@@ -64,13 +67,15 @@ def collate(examples: list[Example], batch: list[tuple[int, int, int]], device: 
     velocity = np.zeros((size, length), np.int64)
     voice = np.zeros((size, length), np.int64)
     is_note = np.zeros((size, length), bool)
+    chords = np.zeros((size, length, REGISTER_VOICES), np.float32)
     mask = np.zeros((size, length), bool)
     for row, (i, a, b) in enumerate(batch):
         ex, n = examples[i], b - a - 1
         dna[row, :n], slots[row, :n] = ex.dna[a:b - 1], ex.slots[a:b - 1]
         targets[row, :n], velocity[row, :n] = ex.ids[a + 1:b], ex.velocity[a + 1:b]
         voice[row, :n], is_note[row, :n] = ex.voice[a + 1:b], ex.is_note[a + 1:b]
+        chords[row, :n] = ex.chords[a + 1:b]
         mask[row, :n] = True
     arrays = dict(dna=dna, slots=slots, targets=targets, velocity=velocity, voice=voice,
-                  is_note=is_note, mask=mask)
+                  is_note=is_note, chords=chords, mask=mask)
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}

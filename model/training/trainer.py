@@ -71,20 +71,24 @@ class TrainConfig:
     init_from: str = field(default="", metadata={
         "help": "start a new run from this checkpoint's weights and tokenizer (a fresh optimizer and step "
                 "count); its model settings hold, except the ones this run may add or change (--voice_register, "
-                "--dropout, --field_dropout); weights it lacks start at their initial values"})
+                "--chord_voices, --dropout, --field_dropout); weights it lacks start at their initial values"})
     cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.training.corpus's)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
     transpose: int = field(default=0, metadata={
         "help": "augmentation: every epoch plays each training file transposed by a random shift "
                 "in -N..+N semitones (0 = off); the vocabulary is fitted on every shift, validation "
                 "files stay as written"})
+    trainable: str = field(default="", metadata={
+        "help": "train only the parameters whose names start with one of these comma-separated prefixes "
+                "(e.g. note_head: fit a head added with --init_from while the rest stays exactly as it was, "
+                "which also skips the backward pass through the body); empty = every parameter"})
 
 
 # Model settings that come from the tokenizer (its TokenShape), never from flags.
 MODEL_FLAGS_FROM_DATA = tuple(f.name for f in fields(TokenShape))
 # Model settings a run started --init_from a checkpoint takes from its flags: parts it adds, or
 # settings that change no weight's shape.
-INIT_FLAGS = ("voice_register", "dropout", "field_dropout")
+INIT_FLAGS = ("voice_register", "chord_voices", "dropout", "field_dropout")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -100,6 +104,25 @@ def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def trainable_parameters(model: nn.Module, prefixes: str) -> list[nn.Parameter]:
+    """The parameters ``--trainable`` names (comma-separated name prefixes; empty: all); the others
+    stop requiring gradients. A prefix that names no parameter is a ``ValueError``."""
+    wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
+    if not wanted:
+        return list(model.parameters())
+    unknown = [p for p in wanted if not any(name.startswith(p) for name, _ in model.named_parameters())]
+    if unknown:
+        tops = sorted({name.split(".")[0] for name, _ in model.named_parameters()})
+        raise ValueError(f"--trainable {', '.join(unknown)}: no parameter of this model starts so "
+                         f"(its parts: {', '.join(tops)})")
+    chosen = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(name.startswith(p) for p in wanted))
+        if parameter.requires_grad:
+            chosen.append(parameter)
+    return chosen
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for ``dtype`` (off for float32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -109,7 +132,7 @@ def batch_losses(model: torch.nn.Module, out: FMOutput, batch: dict[str, torch.T
                  ) -> dict[str, torch.Tensor]:
     """:func:`model.fm.loss.sequence_loss` of a :func:`collate` batch."""
     return sequence_loss(model, out, batch["targets"], batch["velocity"], batch["voice"], batch["mask"],
-                         batch["is_note"], batch["dna"])
+                         batch["is_note"], batch["dna"], batch["chords"])
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -135,7 +158,7 @@ class BatchLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch["dna"], batch["slots"])
         return sequence_loss_sums(self.model, out, batch["targets"], batch["velocity"], batch["voice"],
-                                  batch["mask"], batch["is_note"], batch["dna"])
+                                  batch["mask"], batch["is_note"], batch["dna"], batch["chords"])
 
 
 LOSS_SUMS = ("token", "velocity", "voice")
@@ -265,7 +288,7 @@ class Trainer:
 
         self.model = FieldMachine(self.model_config).to(self.device)
         self.model.set_vocabulary(self.tokenizer.vocab)  # a resumed state_dict holds the same
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model, cfg.trainable), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.step, self.epoch, self.best = 0, 0, math.inf
         if resume is not None:
