@@ -100,6 +100,7 @@ def test_continuation_metrics_on_a_model(tokenizer):
     assert m["real_voices_used"] == 1 and m["real_busiest_voice_share"] == 1 and m["real_velocities_used"] == 1
     assert m["real_notes_per_onset"] == 1 and m["real_notes_per_onset_distribution"]["1"] == 1
     assert m["real_voice_crossing"] == 0 and m["real_key_correlation"] > 0.3  # each piece keeps its scale
+    assert m["real_chords_in_one_voice"] == 0  # no chords at all
     for key in MUSIC_KEYS:
         assert isinstance(m[key], (int, float)) and isinstance(m[f"real_{key}"], (int, float)), key
     with pytest.raises(ValueError, match="long enough"):
@@ -107,7 +108,7 @@ def test_continuation_metrics_on_a_model(tokenizer):
 
 
 MUSIC_KEYS = ("voices_used", "busiest_voice_share", "mean_melodic_move", "step_share", "notes_per_onset",
-              "velocities_used", "key_correlation", "voice_crossing")
+              "velocities_used", "key_correlation", "voice_crossing", "chords_in_one_voice")
 
 
 class ChoosingGenerator(BatchGenerator):

@@ -12,7 +12,7 @@ from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator
 from model.sampling.batch import SamplingBatch
 from model.sampling.config import SamplingConfig
-from model.tokenizer.stream import register_rows
+from model.tokenizer.stream import chord_rows, register_rows
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import BAR, NOTE, SPECIAL_KINDS, TokenKey, special_key
 from tests.model_shapes import token_shape
@@ -66,7 +66,8 @@ def test_voice_depends_on_the_chosen_note(served_checkpoint):
     upper, bass = note_tokens(generator.tokenizer, 62)[0], note_tokens(generator.tokenizer, 43)[0]
     tokens = torch.tensor([upper, bass])
     register = torch.from_numpy(register_rows([decoder, decoder]))
-    voice, velocity = generator.model.note_logits(out.hidden.expand(2, -1), tokens, register)
+    chords = torch.from_numpy(chord_rows([decoder, decoder], tokens.tolist()))
+    voice, velocity = generator.model.note_logits(out.hidden.expand(2, -1), tokens, register, chords)
     p = voice.softmax(-1)
     # The upper pitch goes to the upper voice; the bass pitch makes the bass voice far likelier. (Its
     # argmax need not flip: in this corpus the first note of every onset is the upper voice's, and

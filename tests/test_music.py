@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.evaluation.music import (estimate_key, key_correlation, melodic_moves, music_figures,
+from model.evaluation.music import (chords_in_one_voice, estimate_key, key_correlation, melodic_moves, music_figures,
                                     onset_size_distribution, pitch_class_profile, voice_crossings,
                                     voices_used)
 from model.tokenizer.stream import DecodedNote
@@ -104,6 +104,18 @@ def test_a_continuation_in_the_prompts_key_correlates_and_a_cluster_does_not():
     assert key_correlation(prompt, in_key) > 0.7
     assert key_correlation(prompt, cluster) < 0.5
     assert key_correlation(prompt, []) == 0.0 and key_correlation([], in_key) == 0.0
+
+
+def test_chords_piled_into_one_voice_are_counted():
+    """Four parts on every beat: no chord in one voice; the same notes all given to voice 0 (a
+    texture whose voices merged): every chord is; a single line has no chords at all."""
+    merged = [note(n.onset / BEAT, n.pitch, 0) for n in chorale()]
+    assert chords_in_one_voice(chorale()) == (0, 10)
+    assert chords_in_one_voice(merged) == (10, 10)
+    assert chords_in_one_voice(line([60, 62, 64])) == (0, 0)
+    half = chorale()[:20] + [note(n.onset / BEAT, n.pitch, 1) for n in chorale()[20:]]  # alto = tenor = bass
+    assert music_figures([[]], [half])["chords_in_one_voice"] == 1.0
+    assert music_figures([[]], [chorale()])["chords_in_one_voice"] == 0.0
 
 
 def test_no_notes_gives_zeros():

@@ -239,7 +239,7 @@ def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequenc
 
 GENERATED_AND_REAL = ("on_grid", "notes_per_second", "longest_repeat", "voices_used",
                       "busiest_voice_share", "mean_melodic_move", "step_share", "notes_per_onset",
-                      "velocities_used", "key_correlation", "voice_crossing")
+                      "velocities_used", "key_correlation", "voice_crossing", "chords_in_one_voice")
 """The figures :func:`format_metrics` prints with a generated and a real column."""
 
 

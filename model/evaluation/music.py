@@ -23,6 +23,10 @@ way for generated and real continuations.
 * ``voice_crossing``: share of the onsets where two voices both start a note with their pitches
   in the opposite order to their mean pitches over the continuation, pooled over voice pairs and
   pieces; 0 when the voices keep their registers (or never start notes together).
+* ``chords_in_one_voice``: share of the onsets of two or more notes where one voice starts two or
+  more of them, pooled over pieces; near 0 in a piece written in parts (each part one note at a
+  time), 1 in a keyboard piece written as one track. Where a piece in parts is continued with it
+  near 1, its voices have merged: a DAW that gives each voice its own channel hears one part.
 """
 
 from __future__ import annotations
@@ -164,6 +168,17 @@ def voice_crossings(notes: Sequence[DecodedNote]) -> tuple[int, int]:
     return crossed, shared
 
 
+# ----------------------------------------------------------------------------- chords in one voice
+def chords_in_one_voice(notes: Sequence[DecodedNote]) -> tuple[int, int]:
+    """``(merged, chords)``: ``chords`` counts the onsets where two or more notes start, ``merged``
+    those of them where one voice starts two or more notes."""
+    at: dict[int, list[int]] = defaultdict(list)
+    for n in notes:
+        at[n.onset].append(n.voice)
+    chords = [voices for voices in at.values() if len(voices) > 1]
+    return sum(len(set(voices)) < len(voices) for voices in chords), len(chords)
+
+
 # ----------------------------------------------------------------------------- over pieces
 def music_figures(prompts: Sequence[Sequence[DecodedNote]],
                   continuations: Sequence[Sequence[DecodedNote]]) -> dict:
@@ -173,6 +188,8 @@ def music_figures(prompts: Sequence[Sequence[DecodedNote]],
     sizes = [s for notes in continuations for s in notes_per_onset(notes)]
     crossings = [voice_crossings(notes) for notes in continuations]
     crossed, shared = sum(c for c, _ in crossings), sum(s for _, s in crossings)
+    merged = [chords_in_one_voice(notes) for notes in continuations]
+    in_one, chords = sum(m for m, _ in merged), sum(c for _, c in merged)
     mean = lambda values: float(np.mean(values)) if len(values) else 0.0
     return {
         "voices_used": mean([voices_used(n) for n in continuations]),
@@ -184,4 +201,5 @@ def music_figures(prompts: Sequence[Sequence[DecodedNote]],
         "velocities_used": mean([velocities_used(n) for n in continuations]),
         "key_correlation": mean([key_correlation(p, c) for p, c in zip(prompts, continuations)]),
         "voice_crossing": crossed / shared if shared else 0.0,
+        "chords_in_one_voice": in_one / chords if chords else 0.0,
     }
