@@ -65,13 +65,15 @@ def receive(ws: ClientConnection, timeout: float = 10.0) -> dict:
     return json.loads(ws.recv(timeout=timeout))
 
 
-def receive_until(ws: ClientConnection, kind: str, timeout: float = 10.0) -> dict:
-    """The next message of type ``kind`` (others are skipped)."""
+def receive_until(ws: ClientConnection, kind: str, timeout: float = 10.0, skipped: list[dict] | None = None) -> dict:
+    """The next message of type ``kind`` (others are skipped, and appended to ``skipped`` if given)."""
     deadline = time.monotonic() + timeout
     while True:
         message = receive(ws, max(0.01, deadline - time.monotonic()))
         if message["type"] == kind:
             return message
+        if skipped is not None:
+            skipped.append(message)
 
 
 def collect_notes(ws: ClientConnection, count: int, timeout: float = 30.0) -> list[dict]:
