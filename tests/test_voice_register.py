@@ -103,64 +103,64 @@ def test_the_register_travels_with_the_decoder_state():
         StreamDecoder.from_state(tokenizer, broken)
 
 
-def test_the_note_head_reads_the_register():
-    """The same hidden state and chosen note, two registers (the note continues voice 0 by step, or
-    voice 1): once trained, the voice distribution follows the register; a zero-initialised head
-    starts the same for both (a model given the register starts as it was)."""
+def small_model_and_note():
+    """A small untrained model on :data:`SOPRANO_AND_BASS`'s vocabulary and that piece's first note token."""
     tokenizer, seq = tokenized(SOPRANO_AND_BASS)
     torch.manual_seed(0)
     model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=16, field_layers=2, width=8,
                                      decoder_hidden=8, dropout=0.0))
     model.set_vocabulary(tokenizer.vocab)
-    note = torch.tensor([int(seq.ids[np.flatnonzero(tokenizer.kinds(seq.ids) == NOTE)[0]])])
+    return tokenizer, model, torch.tensor([int(seq.ids[np.flatnonzero(tokenizer.kinds(seq.ids) == NOTE)[0]])])
+
+
+def fit_voices(model, parameters, note, register, playing, voices: list[int]) -> torch.Tensor:
+    """Two rows, the same zero hidden state and ``note``, their own ``register`` and ``playing``
+    rows: check that the untrained head gives both the same voice logits, fit ``parameters`` so
+    that row i's voice is ``voices[i]``, and return the voice logits after."""
+    hidden = torch.zeros(2, model.config.hidden_width)
+    before, _ = model.note_logits(hidden, note.expand(2), register, playing)
+    torch.testing.assert_close(before[0], before[1])  # a new term starts at zero: as the model was
+    optimizer = torch.optim.Adam(parameters, lr=3e-2)
+    for _ in range(100):
+        voice, _ = model.note_logits(hidden, note.expand(2), register, playing)
+        loss = torch.nn.functional.cross_entropy(voice, torch.tensor(voices))
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    return model.note_logits(hidden, note.expand(2), register, playing)[0]
+
+
+def test_the_note_head_reads_the_register():
+    """The same hidden state and chosen note, two registers (the note continues voice 0 by step, or
+    voice 1): once trained, the voice distribution follows the register; a zero-initialised head
+    starts the same for both (a model given the register starts as it was)."""
+    tokenizer, model, note = small_model_and_note()
     pitch = tokenizer.vocab[int(note)].a
     near = [VoiceRegister(), VoiceRegister()]
     near[0].note(0, pitch + 1, 0, 24), near[0].note(1, pitch - 20, 0, 24)
     near[1].note(0, pitch + 20, 0, 24), near[1].note(1, pitch - 1, 0, 24)
     register = torch.from_numpy(np.stack([r.features(24, tokenizer.config.resolution) for r in near]))
-    hidden = torch.zeros(2, model.config.hidden_width)
     playing = torch.zeros(2, REGISTER_VOICES)  # no voice plays where the note starts
-    before, _ = model.note_logits(hidden, note.expand(2), register, playing)
-    torch.testing.assert_close(before[0], before[1])
-    optimizer = torch.optim.Adam(model.note_head.parameters(), lr=3e-2)
-    for _ in range(100):  # the voice that is a step away is the one that plays the note
-        voice, _ = model.note_logits(hidden, note.expand(2), register, playing)
-        loss = torch.nn.functional.cross_entropy(voice, torch.tensor([0, 1]))
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
-    after, _ = model.note_logits(hidden, note.expand(2), register, playing)
+    # the voice that is a step away is the one that plays the note
+    after = fit_voices(model, model.note_head.parameters(), note, register, playing, [0, 1])
     assert after[0].argmax() == 0 and after[1].argmax() == 1
     with pytest.raises(ValueError, match="voice register"):
-        model.note_logits(hidden, note.expand(2))
+        model.note_logits(torch.zeros(2, model.config.hidden_width), note.expand(2))
 
 
 def test_the_note_head_reads_the_voices_already_playing():
     """The same hidden state, chosen note and register (two voices, equally far from the note), and
     voice 0 or voice 1 already striking where the note starts: once trained, the note goes to the
     other voice; a zero-initialised chord term starts the same for both."""
-    tokenizer, seq = tokenized(SOPRANO_AND_BASS)
-    torch.manual_seed(0)
-    model = FieldMachine(ModelConfig(**token_shape(tokenizer.vocab_size), dim=16, field_layers=2, width=8,
-                                     decoder_hidden=8, dropout=0.0))
-    model.set_vocabulary(tokenizer.vocab)
-    note = torch.tensor([int(seq.ids[np.flatnonzero(tokenizer.kinds(seq.ids) == NOTE)[0]])])
+    tokenizer, model, note = small_model_and_note()
     pitch = tokenizer.vocab[int(note)].a
     both = VoiceRegister()
     both.note(0, pitch + 3, 0, 24), both.note(1, pitch - 3, 0, 24)
     register = torch.from_numpy(np.stack([both.features(0, tokenizer.config.resolution)] * 2))
     playing = torch.zeros(2, REGISTER_VOICES)
     playing[0, 0] = playing[1, 1] = 1
-    hidden = torch.zeros(2, model.config.hidden_width)
-    before, _ = model.note_logits(hidden, note.expand(2), register, playing)
-    torch.testing.assert_close(before[0], before[1])
-    optimizer = torch.optim.Adam(model.note_head.chords.parameters(), lr=3e-2)
-    for _ in range(100):
-        voice, _ = model.note_logits(hidden, note.expand(2), register, playing)
-        loss = torch.nn.functional.cross_entropy(voice, torch.tensor([1, 0]))
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
-    after, _ = model.note_logits(hidden, note.expand(2), register, playing)
+    after = fit_voices(model, model.note_head.chords.parameters(), note, register, playing, [1, 0])
     assert after[0].argmax() == 1 and after[1].argmax() == 0
     with pytest.raises(ValueError, match="playing at the note's onset"):
-        model.note_logits(hidden, note.expand(2), register)
+        model.note_logits(torch.zeros(2, model.config.hidden_width), note.expand(2), register)
 
 
 def test_training_and_generation_see_the_same_voices_playing():
