@@ -31,8 +31,9 @@ where ``struck_v`` is 1 when voice v's latest note starts where the chosen note 
 played is not struck there, and ``struck / seen`` the share of the voices heard so far that are.
 Without it, nothing in the head tells the second note of a chord that the voice it would join
 has just struck: a generated texture then piles its chords into one voice (measured on the
-held-out continuations: 60-95 % of generated chords shared a voice, against 0 % in the pieces
-written in parts), the voices it leaves fall silent, and the register shows one line.
+held-out continuations, ``chords_in_one_voice``: 0.64 of the generated chords, against 0.10 in
+Bach's, none at all in 14 of the 20 pieces), the voices it leaves fall silent, and the register
+shows one line.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import numpy as np
 
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.vocabulary import BAR, NOTE, REST, UNK, TokenizerError, TokenKey
-from model.tokenizer.voice_register import VoiceRegister, chord_voices, register_features, stacked_features
+from model.tokenizer.voice_register import (REGISTER_VOICES, VoiceRegister, chord_voices, register_features,
+                                            stacked_features)
 
 if TYPE_CHECKING:
     from model.tokenizer.tokenizer import Tokenizer
@@ -45,8 +46,8 @@ def chord_rows(decoders: list["StreamDecoder"], tokens: list[int]) -> np.ndarray
     """``(B, REGISTER_VOICES)``: per decoder, the voices already playing at the onset where its
     next token (``tokens``) would start (:func:`~model.tokenizer.voice_register.chord_voices`)."""
     onsets = np.array([d.note_onset(t) for d, t in zip(decoders, tokens)], dtype=np.int64)
-    return chord_voices(np.stack([d.register.onset for d in decoders]) if decoders
-                        else np.zeros((0, len(VoiceRegister().onset)), np.int64), onsets)
+    rows = [d.register.onset for d in decoders]
+    return chord_voices(np.stack(rows) if rows else np.zeros((0, REGISTER_VOICES), np.int64), onsets)
 
 
 class StreamReading(NamedTuple):
@@ -171,22 +172,24 @@ class StreamDecoder:
         it (the bar length in force and the voice register's features) and, for the note head, the
         voices already playing where it starts (:class:`StreamReading`)."""
         steps, lengths = np.empty(len(sequence), dtype=np.int64), np.empty(len(sequence), dtype=np.float64)
-        onsets = np.empty((len(sequence),) + self.register.onset.shape, dtype=np.int64)
-        starts = np.empty(len(sequence), dtype=np.int64)
+        first_onsets = self.register.onset.copy()
         rows = {name: np.empty((len(sequence),) + getattr(self.register, name).shape,
                                dtype=getattr(self.register, name).dtype)
-                for name in ("pitch", "previous", "end", "recent")}
+                for name in ("pitch", "previous", "end", "recent", "onset")}
         timebase = self.tokenizer.timebase
         for i, (token, velocity, voice) in enumerate(zip(sequence.ids.tolist(), sequence.velocity.tolist(),
                                                          sequence.voice.tolist())):
-            onsets[i], starts[i] = self.register.onset, self.note_onset(token)
             self.push(token, velocity, voice)
             lengths[i], steps[i] = self.bar_length, timebase.steps_from_grid(self.cursor)
             for name, row in rows.items():
                 row[i] = getattr(self.register, name)
         features = register_features(rows["pitch"], rows["previous"], rows["end"], rows["recent"], steps,
                                      self.tokenizer.config.resolution)
-        return StreamReading(lengths, features, chord_voices(onsets, starts))
+        # A note's onset is the cursor once it is pushed; the voices' onsets before it, the row after
+        # the token before.
+        starts = np.where(self.tokenizer.kinds(sequence.ids) == NOTE, steps, -2)
+        before = np.concatenate([first_onsets[None], rows["onset"]])[:len(sequence)]
+        return StreamReading(lengths, features, chord_voices(before, starts))
 
     def encode_notes(self, notes: Iterable[tuple[int, int, float, int, int]]) -> TokenSequence:
         """Append notes to the stream: ``(onset in grid steps, pitch, duration in beats, MIDI
