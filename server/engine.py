@@ -8,12 +8,14 @@ Who owns what:
   2. reads pending input (prompts, played notes) in chunks of at most ``input_chunk`` tokens, so a
      long prompt never holds up the other streams for long,
   3. **schedules**: asks :class:`server.scheduler.Scheduler` which streams need tokens now,
-  4. **executes** one batched O(1) step for all of them (:meth:`Engine._execute`:
-     :meth:`BatchGenerator.advance` on their rows of the slab, different positions, temperatures
-     and seeds in one batch) and writes the rows back,
+  4. **chooses** every scheduled stream's next token from its row of the slab (:meth:`Engine._execute`:
+     :meth:`BatchGenerator.choose`, different positions, temperatures and seeds in one batch),
   5. **updates** the streams (:meth:`Engine._update`: their time, the live-stream policy) and
      hands each its new notes on the event loop (``loop.call_soon_threadsafe``). It never waits
      for a client.
+  6. **reads** the chosen tokens: one batched O(1) model step (:meth:`Engine._read_chosen`:
+     :meth:`BatchGenerator.feed`) writes the rows back. The notes left before it, so the step
+     never delays them.
 * The **event loop** (sessions, endpoints) talks to the engine only through :meth:`Engine.open`,
   :meth:`Engine.feed` and :meth:`Engine.release`, which queue a command and await its future. It
   may swap a stream's immutable ``sampling`` and ``timeline`` and flip ``paused``; the engine
@@ -32,8 +34,9 @@ been *sent*, not after everything already generated. So each live stream keeps a
 (:mod:`server.rollback`): a second slab row with the field, position and heard counts at a
 *checkpoint*, the decoder and RNG step there, and the short log of tokens read since. When played
 notes arrive, the generated tokens after the latest sent note are dropped, the state goes back to
-the checkpoint, the kept tokens and the played notes are read again in one parallel pass, and
-generation goes on from there (its notes start no earlier than ``lookahead`` from now, so none is
+the one after the latest sent note (a copy of it, among the stream's recent states), or else to the
+checkpoint with the kept tokens read again in one parallel pass with the played notes, the played
+notes are read, and generation goes on from there (its notes start no earlier than ``lookahead`` from now, so none is
 late). The checkpoint moves forward (:meth:`Engine._fold`) once enough sent tokens have piled up.
 The token after played notes is the answer: a note that starts by the lookahead (plus
 ``ANSWER_MARGIN``) from then, or with the played notes (``Stream.answer_by``, the generator's
@@ -71,8 +74,8 @@ from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.voice_register import REGISTER_FLOATS
 from server.metrics import Metrics
-from server.rollback import (FOLD_TOKENS, MAX_LOG, PLAYED, Checkpoint, LoggedToken, Replayed, kept_prefix,
-                             played_ids, replay)
+from server.rollback import (FOLD_TOKENS, MAX_LOG, PLAYED, RECENT_STATES, Checkpoint, LoggedToken, RecentState,
+                             RecentStates, Replayed, kept_prefix, played_ids, replay)
 from server.snapshot import ROW_NAMES, Place, SnapshotError, StreamSnapshot
 from server.scheduler import Scheduler
 
@@ -158,6 +161,7 @@ class Stream:
     answer_by: int | None = None  # grid step (decoder timeline) its next note must start by: an answer
     checkpoint: Checkpoint | None = None  # live streams, once the prompt is read
     log: list[LoggedToken] = field(default_factory=list)  # tokens read after the checkpoint
+    recent: RecentStates = field(default_factory=RecentStates)  # states after its latest reads (server.rollback)
     history: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))  # tokens before it (snapshots)
     restored: bool = False  # put back from a snapshot: keeps its clock and checkpoint once primed
     pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # DNA chunks to read
@@ -220,7 +224,9 @@ class Engine:
         self.saved_logits = torch.zeros_like(self.logits)  # the output there (a snapshot goes on from it)
         self.saved_hidden = torch.zeros_like(self.hidden)
         self.state_bytes = self.field[0].nbytes + self.position[0].nbytes + self.heard[0].nbytes
-        self.rollback_bytes = sum(getattr(self, f"saved_{name}")[0].nbytes for name in ROW_NAMES)
+        recent_state = self.field[0].nbytes + self.position[0].nbytes + self.hidden[0].nbytes
+        self.rollback_bytes = (sum(getattr(self, f"saved_{name}")[0].nbytes for name in ROW_NAMES)
+                               + RECENT_STATES * recent_state)  # at most
         self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.hidden[0].nbytes
         self.metrics.state_bytes.set(self.state_bytes)
         self.metrics.slot_bytes.set(self.slot_bytes)
@@ -411,10 +417,11 @@ class Engine:
     def _feed(self, stream: Stream, notes: list[StreamNote], heard_until: float | None) -> Fed:
         if stream.closed or stream.failed or stream.decoder is None:
             return Fed(0, 0, stream.epoch)
-        kept, replayed = [], None
+        kept, replayed, recent = [], None, None
         if stream.checkpoint is not None and self.rollback:  # a live stream: read the notes at its latest sent note
             kept = kept_prefix(stream.log, stream.sent_step)
             replayed = replay(stream.checkpoint, kept, self.tokenizer, stream.offset)
+            recent = stream.recent.after(len(kept))  # the state there, if kept: nothing to read again
         decoder = replayed.decoder if replayed is not None else stream.decoder
         played = [(self.timebase.grid_from_beats(n.beat + stream.offset), n.pitch, n.duration, n.velocity,
                    n.voice) for n in notes]
@@ -425,8 +432,9 @@ class Engine:
             return Fed(0, sequence.unknown, stream.epoch)
         floats, slots = self._played_dna(sequence, before)
         if replayed is not None:
-            self._rewind(stream, kept, replayed)
-            floats, slots = np.concatenate([replayed.floats, floats]), np.concatenate([replayed.slots, slots])
+            self._rewind(stream, kept, replayed, recent)
+            if recent is None:
+                floats, slots = np.concatenate([replayed.floats, floats]), np.concatenate([replayed.slots, slots])
         if stream.checkpoint is not None:
             stream.log += [LoggedToken(t, v, s, PLAYED) for t, v, s in
                            zip(sequence.ids.tolist(), sequence.velocity.tolist(), sequence.voice.tolist())]
@@ -442,19 +450,25 @@ class Engine:
                                    stream.decoder.cursor)
         return Fed(len(sequence), sequence.unknown, stream.epoch)
 
-    def _rewind(self, stream: Stream, kept: list[LoggedToken], replayed: Replayed) -> None:
-        """Put a live stream back at its checkpoint with only the ``kept`` log (the caller queues
-        their DNA to be read again): the generated tokens after them are void (a new epoch)."""
+    def _rewind(self, stream: Stream, kept: list[LoggedToken], replayed: Replayed,
+                recent: RecentState | None = None) -> None:
+        """Put a live stream back after the ``kept`` log: at the ``recent`` state after it, or at its
+        checkpoint (then the caller queues the kept tokens' DNA to be read again). The generated
+        tokens after them are void (a new epoch)."""
         row = stream.slot
-        for name in ROW_NAMES:
-            if name != "heard":  # the heard counts: those at the checkpoint plus the kept played notes
-                getattr(self, name)[row] = getattr(self, f"saved_{name}")[row]
+        if recent is not None:
+            self._put_recent(row, recent, "")
+        else:
+            for name in ROW_NAMES:
+                if name != "heard":  # the heard counts: those at the checkpoint plus the kept played notes
+                    getattr(self, name)[row] = getattr(self, f"saved_{name}")[row]
         self.heard[row] = self.saved_heard[row] + torch.from_numpy(
             self.generator.heard(played_ids(kept))).to(self.device)
         stream.decoder = replayed.decoder
         stream.steps = replayed.steps
         stream.frontier = replayed.frontier
         stream.log = list(kept)
+        stream.recent.cut(len(kept))
         stream.pending = []  # unread played tokens are in the kept log, read again with it
         stream.epoch += 1
         self.metrics.rollbacks.inc()
@@ -466,6 +480,25 @@ class Engine:
             getattr(self, f"saved_{name}")[row] = getattr(self, name)[row]
         stream.checkpoint = Checkpoint(stream.decoder.copy(), stream.steps, stream.frontier)
         stream.log = []
+        stream.recent.clear()
+
+    def _put_recent(self, row: int, recent: RecentState, rows: str) -> None:
+        """Write a recent state into a stream's live rows (``rows`` "") or its checkpoint ("saved_"),
+        with the model's output there."""
+        getattr(self, f"{rows}field")[row] = recent.field
+        getattr(self, f"{rows}position")[row] = recent.position
+        getattr(self, f"{rows}hidden")[row] = recent.hidden
+        getattr(self, f"{rows}logits")[row] = self.model.heads(recent.hidden[None]).logits[0].to(self.logits.dtype)
+
+    def _remember(self, streams: list[Stream]) -> None:
+        """Keep each live stream's state now as the one after its whole log (server.rollback)."""
+        streams = [s for s in streams if s.checkpoint is not None and self.rollback and not s.failed]
+        if not streams:
+            return
+        rows = torch.tensor([s.slot for s in streams], device=self.device)
+        fields, positions, hidden = self.field[rows], self.position[rows], self.hidden[rows]  # copies
+        for i, stream in enumerate(streams):
+            stream.recent.record(len(stream.log), fields[i], positions[i], hidden[i])
 
     def _fold(self, stream: Stream) -> None:
         """Move the checkpoint forward over the kept part of the log once it is long enough (past
@@ -478,13 +511,18 @@ class Engine:
         if len(kept) < FOLD_TOKENS:
             return
         replayed = replay(stream.checkpoint, kept, self.tokenizer, stream.offset)
-        rows = torch.tensor([stream.slot], device=self.device)
-        saved = FieldState(self.saved_field[rows], self.saved_position[rows])
-        state, out = self.generator.read(saved, replayed.floats[None], replayed.slots[None])
-        self.saved_field[rows] = state.field.to(self.saved_field.dtype)
-        self.saved_position[rows] = state.position
-        self.saved_logits[rows] = out.logits.to(self.saved_logits.dtype)
-        self.saved_hidden[rows] = out.hidden.to(self.saved_hidden.dtype)
+        recent = stream.recent.after(len(kept))
+        if recent is not None:  # the state there is kept: a copy
+            self._put_recent(stream.slot, recent, "saved_")
+        else:
+            rows = torch.tensor([stream.slot], device=self.device)
+            saved = FieldState(self.saved_field[rows], self.saved_position[rows])
+            state, out = self.generator.read(saved, replayed.floats[None], replayed.slots[None])
+            self.saved_field[rows] = state.field.to(self.saved_field.dtype)
+            self.saved_position[rows] = state.position
+            self.saved_logits[rows] = out.logits.to(self.saved_logits.dtype)
+            self.saved_hidden[rows] = out.hidden.to(self.saved_hidden.dtype)
+        stream.recent.shift(len(kept))
         self.saved_heard[stream.slot] += torch.from_numpy(self.generator.heard(played_ids(kept))).to(self.device)
         stream.checkpoint = Checkpoint(replayed.decoder, replayed.steps, replayed.frontier)
         stream.history = _history_rows(*np.asarray(kept, dtype=np.int64)[:, :3].T, before=stream.history)
@@ -581,6 +619,8 @@ class Engine:
                 budget -= take
                 if take == len(slots):
                     stream.pending.pop(0)
+                    if not stream.pending:
+                        self._remember([stream])
                 else:
                     stream.pending[0] = (floats[take:], slots[take:])
             if stream.primed or stream.pending or stream.failed:
@@ -614,6 +654,7 @@ class Engine:
         read = sum(len(s.pending[0][1]) for s in playing)
         for stream in playing:
             stream.pending.clear()
+        self._remember(playing)
         return read
 
     def _read_chunk(self, stream: Stream, floats: np.ndarray, slots: np.ndarray) -> None:
@@ -623,23 +664,32 @@ class Engine:
         self._store(rows, new_state, last)
 
     def _step(self, batch: list[Stream]) -> None:
-        """One engine step: execute the model for the scheduled streams, then update them."""
+        """One engine step: choose the scheduled streams' next tokens, hand their notes over, then
+        let the model read them (the notes leave before the model step and the rollback folds, so
+        neither delays them, an answer least of all)."""
         began = time.perf_counter()
         results = self._execute(batch)
         if results is None:
             return
         deliveries, finished = self._update(batch, results)
+        self._post(self._deliver, deliveries, [])
+        self._read_chosen(batch, results)
+        for stream in batch:
+            if stream.realtime and stream.checkpoint is not None and not stream.failed:
+                self._fold(stream)
         self.metrics.step(len(batch), time.perf_counter() - began)
-        self._post(self._deliver, deliveries, finished)
+        if finished:  # a job is done once its step is counted
+            self._post(self._deliver, [], finished)
         for stream in finished:
             self._release(stream)
 
     @torch.no_grad()
     def _execute(self, batch: list[Stream]) -> list[StreamStep] | None:
-        """Advance the streams' rows of the slab by one token each (one batched step) and write
-        them back. If the step fails, each stream is stepped alone and only the ones that fail
-        alone fail (a bad value fails its own stream, never its neighbours'); returns the results
-        of the streams that stepped, in ``batch`` order (None: none did)."""
+        """Choose the streams' next tokens (one batched draw from the logits in their rows; the
+        model reads them in :meth:`_read_chosen`). If that fails, each stream is tried alone and
+        only the ones that fail alone fail (a bad value fails its own stream, never its
+        neighbours'); returns the results of the streams that stepped, in ``batch`` order (None:
+        none did)."""
         saved = [s.decoder.copy() for s in batch] if len(batch) > 1 else []  # to retry each alone
         try:
             return self._advance(batch)
@@ -662,13 +712,31 @@ class Engine:
 
     def _advance(self, batch: list[Stream]) -> list[StreamStep]:
         rows = torch.tensor([s.slot for s in batch], device=self.device)
-        state, out = self._rows(rows)
-        results, new_state, new_out = self.generator.advance(
-            state, out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
+        _, out = self._rows(rows)
+        return self.generator.choose(
+            out, [s.decoder for s in batch], [s.sampling for s in batch], [s.steps for s in batch],
             self.heard[rows], self._banned_voices(batch),
             [s.answer_by for s in batch] if any(s.answer_by is not None for s in batch) else None)
+
+    @torch.no_grad()
+    def _read_chosen(self, batch: list[Stream], results: list[StreamStep]) -> None:
+        """The model reads each stream's chosen token (one batched O(1) step) and its row of the
+        slab moves on. If that fails, each stream is read alone, and only the ones that fail alone fail."""
+        rows = torch.tensor([s.slot for s in batch], device=self.device)
+        state, _ = self._rows(rows)
+        try:
+            new_out, new_state = self.generator.feed(state, results, [s.decoder for s in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                logger.exception("the model step of stream %d failed", batch[0].id)
+                self._fail(batch[0], f"the model step failed: {exc}")
+                return
+            logger.warning("a model step of %d streams failed (%s); stepping each alone", len(batch), exc)
+            for stream, result in zip(batch, results):
+                self._read_chosen([stream], [result])
+            return
         self._store(rows, new_state, new_out)
-        return results
+        self._remember(batch)
 
     def _banned_voices(self, batch: list[Stream]) -> torch.Tensor | None:
         """``(B, max_voices)``, True where a stream never plays the voice (None: no stream bans any)."""
@@ -712,8 +780,6 @@ class Engine:
                                                       n.velocity, n.voice, step, stream.epoch, stream.heard_until)))
             if not stream.realtime:
                 stream.remaining -= 1
-            elif stream.checkpoint is not None:
-                self._fold(stream)
         if moved:
             self.metrics.notes_moved.inc(moved)
         return deliveries, [s for s in batch if not s.realtime and s.remaining <= 0]

@@ -7,11 +7,13 @@ import math
 import time
 
 import pytest
+import torch
 
 from model.checkpoint.format import load_model
+from model.fm.state import FieldState
 from model.sampling.config import SamplingConfig
 from server.engine import Engine, StreamNote
-from server.rollback import FOLD_TOKENS
+from server.rollback import FOLD_TOKENS, RECENT_STATES, RecentStates, replay
 from model.timebase import Timeline
 from tests.waiting import wait_until
 
@@ -57,21 +59,24 @@ def test_jobs_run_in_one_batch_and_free_their_rows(served):
     asyncio.run(main())
 
 
-def test_a_failed_step_fails_its_streams_and_the_engine_carries_on(served, monkeypatch):
+@pytest.mark.parametrize("phase", ["choose", "feed"])
+def test_a_failed_step_fails_its_streams_and_the_engine_carries_on(served, monkeypatch, phase):
+    """A step breaks while tokens are drawn (``choose``) or while the model reads them (``feed``,
+    after the notes were handed over): the stream fails with the error, the next one is served."""
     async def main():
         engine = make_engine(served)
         engine.start()
         try:
-            real_advance = engine.generator.advance
+            real = getattr(engine.generator, phase)
             calls = {"n": 0}
 
             def broken_once(*args, **kwargs):  # a simulated device error in one step
                 calls["n"] += 1
                 if calls["n"] == 3:
                     raise RuntimeError("simulated device error")
-                return real_advance(*args, **kwargs)
+                return real(*args, **kwargs)
 
-            monkeypatch.setattr(engine.generator, "advance", broken_once)
+            monkeypatch.setattr(engine.generator, phase, broken_once)
             with pytest.raises(RuntimeError, match="simulated device error"):
                 await run_job(engine, 20, seed=1)
             notes, stream = await run_job(engine, 20, seed=2)  # the next stream is served
@@ -109,7 +114,10 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
                                      f"{int(engine.position[stream.slot])}, was {position} + {tokens} played tokens")
             assert (engine.field.shape, engine.logits.shape) == slab
             assert engine.state_bytes == engine.field.shape[1] * 4 + 8 + 12 * 4  # field, position, heard
-            assert engine.rollback_bytes == engine.slot_bytes  # the checkpoint: the same rows once more, with its output
+            # the checkpoint: the same rows once more, with its output; and the recent states
+            recent_state = engine.field[0].nbytes + engine.position[0].nbytes + engine.hidden[0].nbytes
+            assert engine.rollback_bytes == engine.slot_bytes + RECENT_STATES * recent_state
+            assert len(stream.recent) <= RECENT_STATES
             beats = [n.beat for n in received]
             assert beats == sorted(beats)  # a live stream only moves forward
             await engine.release(stream)
@@ -117,6 +125,67 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
         finally:
             engine.close()
     asyncio.run(main())
+
+
+def test_a_recent_state_is_the_state_reading_the_log_again_gives(served):
+    """Going back to a recent state (a copy) puts a stream where reading its log again from the
+    checkpoint would (the slow path, still taken for older points): checked on the engine thread
+    while the stream plays, at the end of its log and a few tokens earlier."""
+    async def main():
+        engine = make_engine(served)
+        engine.start()
+        try:
+            stream = await engine.open(None, sampling=SamplingConfig(seed=5), timeline=Timeline(400), realtime=True,
+                                       sink=lambda notes: None, on_error=print)
+
+            def compare():  # on the engine thread: nothing moves meanwhile
+                if len(stream.log) < 4:
+                    return None
+                checked = []
+                for back in (0, 3):
+                    n = len(stream.log) - back
+                    recent = stream.recent.after(n)
+                    assert recent is not None, f"no recent state after {n} of {len(stream.log)} tokens"
+                    replayed = replay(stream.checkpoint, stream.log[:n], engine.tokenizer, stream.offset)
+                    rows = torch.tensor([stream.slot])
+                    start = FieldState(engine.saved_field[rows], engine.saved_position[rows])
+                    state, out = engine.generator.read(start, replayed.floats[None], replayed.slots[None])
+                    checked.append((recent, state, out))
+                return checked
+
+            checked = None
+            deadline = time.monotonic() + 30
+            while checked is None and time.monotonic() < deadline:
+                checked = await engine._call(compare)
+                await asyncio.sleep(0.05)
+            assert checked is not None, "the stream never logged 4 tokens after its checkpoint"
+            for recent, state, out in checked:
+                assert int(recent.position) == int(state.position[0])
+                torch.testing.assert_close(recent.field.float(), state.field[0].float(), atol=2e-3, rtol=2e-3)
+                torch.testing.assert_close(recent.hidden.float(), out.hidden[0].float(), atol=2e-2, rtol=2e-2)
+        finally:
+            engine.close()
+    asyncio.run(main())
+
+
+def test_recent_states_follow_the_log():
+    """Kept by log length; a cut log forgets the states past it, a fold moves the keys down, and
+    only the newest RECENT_STATES stay."""
+    recent = RecentStates(size=4)
+    row = lambda n: (torch.full((2,), float(n)), torch.tensor(n), torch.full((3,), float(n)))
+    for n in range(1, 6):
+        recent.record(n, *row(n))
+    assert len(recent) == 4 and recent.after(1) is None and float(recent.after(5).field[0]) == 5
+    recent.cut(3)  # a rollback kept the first 3 tokens
+    assert recent.after(4) is None and recent.after(5) is None and float(recent.after(3).field[0]) == 3
+    recent.record(4, *row(40))  # the played note read after them
+    assert float(recent.after(4).field[0]) == 40
+    recent.record(3, *row(30))  # read again from 3: the state after 4 is void
+    assert recent.after(4) is None and float(recent.after(3).field[0]) == 30
+    recent.shift(2)  # a fold took the first 2 tokens into the checkpoint
+    assert float(recent.after(1).field[0]) == 30 and float(recent.after(0).field[0]) == 2
+    recent.clear()
+    assert len(recent) == 0
 
 
 PLAYED_PITCHES = (55, 59, 62, 67)  # pitches of the tiny corpus (its vocabulary has few others)

@@ -138,7 +138,19 @@ class BatchGenerator:
                 sampling: list[SamplingConfig], steps: list[int],
                 heard: torch.Tensor | None = None, banned_voices: torch.Tensor | None = None,
                 answer_by: list[int | None] | None = None) -> tuple[list[StreamStep], FieldState, FMOutput]:
-        """Sample every stream's next token from ``out`` and feed it back: one batched step.
+        """Sample every stream's next token from ``out`` and feed it back: one batched step
+        (:meth:`choose`, then :meth:`feed`; the arguments are :meth:`choose`'s)."""
+        results = self.choose(out, decoders, sampling, steps, heard, banned_voices, answer_by)
+        new_out, new_state = self.feed(state, results, decoders)
+        return results, new_state, new_out
+
+    @torch.no_grad()
+    def choose(self, out: FMOutput, decoders: list[StreamDecoder], sampling: list[SamplingConfig],
+               steps: list[int], heard: torch.Tensor | None = None, banned_voices: torch.Tensor | None = None,
+               answer_by: list[int | None] | None = None) -> list[StreamStep]:
+        """Sample every stream's next token, voice and velocity from ``out`` and push them into its
+        decoder; the model has not read them yet (:meth:`feed` does), so a server can hand the notes
+        over before it pays for that step.
 
         ``steps`` are the per-stream counters that, with each stream's seed, fix its randomness.
         ``heard``: ``(B, 12)`` pitch-class counts of what each stream heard (:meth:`heard`), which
@@ -152,9 +164,7 @@ class BatchGenerator:
         if answer_by is not None:
             logits = self.answer_logits(logits, decoders, answer_by)
         tokens = sample(logits, batch)
-        results = self.push(tokens, *self.note_parts(tokens, out, decoders, batch, banned_voices), decoders)
-        new_out, new_state = self.feed(state, results, decoders)
-        return results, new_state, new_out
+        return self.push(tokens, *self.note_parts(tokens, out, decoders, batch, banned_voices), decoders)
 
     def allowed_logits(self, out: FMOutput, decoders: list[StreamDecoder], batch: SamplingBatch,
                        heard: torch.Tensor | None) -> torch.Tensor:
