@@ -48,7 +48,7 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> FastA
         engine = Engine(served.model, served.tokenizer, capacity=config.max_sessions + MAX_GENERATE_JOBS,
                         max_batch=config.max_batch, lookahead=config.lookahead,
                         generate_ahead=config.generate_ahead, metrics=metrics,
-                        rollback=not config.answer_after_generated)
+                        rollback=not config.answer_after_generated, recent_states=config.recent_states)
         engine.start()
         app.state.engine = engine
         prompts = PromptReader(served.tokenizer, config.read_limits, config.prompt_workers)

@@ -35,6 +35,10 @@ class ServerConfig:
     answer_after_generated: bool = field(default=False, metadata={
         "help": "read played notes after all the music already generated (the behaviour before answers went back "
                 "to the latest sent note; for comparison): answers come up to lookahead plus generate-ahead later"})
+    recent_states: int = field(default=32, metadata={
+        "help": "per live session, the states after its latest reads kept for answers (each: the field, position "
+                "and hidden state, about 18 KB with the shipped model): going back to the latest sent note is then "
+                "a copy; 0 reads the tokens since the rollback checkpoint again (slower answers, less memory)"})
     threads: int = field(default=0, metadata={
         "help": "CPU threads for the model on CPU; 0: one fewer than the CPU cores (at least 1), "
                 "leaving a core to the network side"})
@@ -100,6 +104,8 @@ class ServerConfig:
             raise ValueError("generate_ahead must lie in [0, 60] seconds")
         if self.threads < 0:
             raise ValueError("threads must be 0 (automatic) or more")
+        if self.recent_states < 0:
+            raise ValueError("recent_states must be 0 (read the log again) or more")
         if self.max_sessions < 1 or self.max_batch < 1:
             raise ValueError("max_sessions and max_batch must be at least 1")
         if not 1 <= self.port <= 65535 and self.port != 0:

@@ -179,7 +179,7 @@ class Stream:
 class Engine:
     def __init__(self, model: FieldMachine, tokenizer: Tokenizer, *, capacity: int, max_batch: int,
                  lookahead: float, generate_ahead: float, metrics: Metrics | None = None,
-                 input_chunk: int = 256, rollback: bool = True) -> None:
+                 input_chunk: int = 256, rollback: bool = True, recent_states: int = RECENT_STATES) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generator = BatchGenerator(model, tokenizer)
@@ -191,6 +191,9 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.input_chunk = input_chunk
         self.rollback = rollback  # live streams answer from their latest sent note (else after all generated)
+        if recent_states < 0:
+            raise ValueError(f"recent_states must be >= 0, not {recent_states}")
+        self.recent_states = recent_states if rollback else 0  # per live stream (server.rollback.RecentStates)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._free = list(range(capacity - 1, -1, -1))
@@ -226,7 +229,7 @@ class Engine:
         self.state_bytes = self.field[0].nbytes + self.position[0].nbytes + self.heard[0].nbytes
         recent_state = self.field[0].nbytes + self.position[0].nbytes + self.hidden[0].nbytes
         self.rollback_bytes = (sum(getattr(self, f"saved_{name}")[0].nbytes for name in ROW_NAMES)
-                               + RECENT_STATES * recent_state)  # at most
+                               + self.recent_states * recent_state)  # at most
         self.slot_bytes = self.state_bytes + self.logits[0].nbytes + self.hidden[0].nbytes
         self.metrics.state_bytes.set(self.state_bytes)
         self.metrics.slot_bytes.set(self.slot_bytes)
@@ -400,6 +403,7 @@ class Engine:
                 for name in ROW_NAMES:
                     getattr(self, f"{where}{name}")[row] = place.rows[name].to(self.device, getattr(self, name).dtype)
             stream.checkpoint, stream.log, stream.decoder = checkpoint, log, decoder
+            stream.recent = RecentStates(self.recent_states)  # none yet: the first answer reads the log again
             stream.frontier, stream.sent_step = snap.live.frontier, snap.sent_step
             history = from_portable(tok, snap.history[: max(0, len(snap.history) - len(log))])
             stream.history = _history_rows(history.ids, history.velocity, history.voice)
@@ -480,7 +484,7 @@ class Engine:
             getattr(self, f"saved_{name}")[row] = getattr(self, name)[row]
         stream.checkpoint = Checkpoint(stream.decoder.copy(), stream.steps, stream.frontier)
         stream.log = []
-        stream.recent.clear()
+        stream.recent = RecentStates(self.recent_states)
 
     def _put_recent(self, row: int, recent: RecentState, rows: str) -> None:
         """Write a recent state into a stream's live rows (``rows`` "") or its checkpoint ("saved_"),

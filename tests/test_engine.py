@@ -86,9 +86,12 @@ def test_a_failed_step_fails_its_streams_and_the_engine_carries_on(served, monke
     asyncio.run(main())
 
 
-def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served):
+@pytest.mark.parametrize("recent_states", [RECENT_STATES, 0], ids=["recent-states", "read-again"])
+def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served, recent_states):
+    """Played notes go in where the stream was last sent, from a recent state or (none kept) by
+    reading the log again from the checkpoint; the state stays the same size."""
     async def main():
-        engine = make_engine(served)
+        engine = make_engine(served, recent_states=recent_states)
         engine.start()
         received = []
         try:
@@ -116,8 +119,8 @@ def test_live_stream_state_stays_the_same_size_and_played_notes_are_read(served)
             assert engine.state_bytes == engine.field.shape[1] * 4 + 8 + 12 * 4  # field, position, heard
             # the checkpoint: the same rows once more, with its output; and the recent states
             recent_state = engine.field[0].nbytes + engine.position[0].nbytes + engine.hidden[0].nbytes
-            assert engine.rollback_bytes == engine.slot_bytes + RECENT_STATES * recent_state
-            assert len(stream.recent) <= RECENT_STATES
+            assert engine.rollback_bytes == engine.slot_bytes + recent_states * recent_state
+            assert len(stream.recent) <= recent_states
             beats = [n.beat for n in received]
             assert beats == sorted(beats)  # a live stream only moves forward
             await engine.release(stream)

@@ -35,7 +35,8 @@ def test_flags_and_environment_twins(monkeypatch):
     ([], {"FM_MAX_SESSIONS": "many"}, "FM_MAX_SESSIONS"),
     ([], {"FM_DTYPE": "fp8"}, "FM_DTYPE"),
     (["--threads", "-1"], {}, "threads"),
-], ids=["lookahead", "device", "env-int", "env-choice", "threads"])
+    (["--recent-states", "-1"], {}, "recent_states"),
+], ids=["lookahead", "device", "env-int", "env-choice", "threads", "recent-states"])
 def test_bad_settings_are_refused_with_a_message(monkeypatch, capsys, argv, env, words):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
