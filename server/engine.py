@@ -496,13 +496,13 @@ class Engine:
 
     def _remember(self, streams: list[Stream]) -> None:
         """Keep each live stream's state now as the one after its whole log (server.rollback)."""
-        streams = [s for s in streams if s.checkpoint is not None and self.rollback and not s.failed]
-        if not streams:
-            return
-        rows = torch.tensor([s.slot for s in streams], device=self.device)
-        fields, positions, hidden = self.field[rows], self.position[rows], self.hidden[rows]  # copies
-        for i, stream in enumerate(streams):
-            stream.recent.record(len(stream.log), fields[i], positions[i], hidden[i])
+        streams = [s for s in streams if s.checkpoint is not None and self.recent_states and not s.failed]
+        for stream in streams:
+            # Each row a copy of its own: a view into a batch would keep the whole batch alive as long
+            # as the stream keeps the state (a paused stream, for as long as it is paused).
+            row = stream.slot
+            stream.recent.record(len(stream.log), self.field[row].clone(), self.position[row].clone(),
+                                 self.hidden[row].clone())
 
     def _fold(self, stream: Stream) -> None:
         """Move the checkpoint forward over the kept part of the log once it is long enough (past

@@ -140,6 +140,9 @@ def test_a_recent_state_is_the_state_reading_the_log_again_gives(served):
         try:
             stream = await engine.open(None, sampling=SamplingConfig(seed=5), timeline=Timeline(400), realtime=True,
                                        sink=lambda notes: None, on_error=print)
+            # a second stream, so that the two step in one batch
+            await engine.open(None, sampling=SamplingConfig(seed=6), timeline=Timeline(400), realtime=True,
+                              sink=lambda notes: None, on_error=print)
 
             def compare():  # on the engine thread: nothing moves meanwhile
                 if len(stream.log) < 4:
@@ -163,6 +166,9 @@ def test_a_recent_state_is_the_state_reading_the_log_again_gives(served):
                 await asyncio.sleep(0.05)
             assert checked is not None, "the stream never logged 4 tokens after its checkpoint"
             for recent, state, out in checked:
+                # its own memory: no view into a batch or the slab that would keep them alive
+                assert recent.field.untyped_storage().nbytes() == recent.field.nbytes
+                assert recent.hidden.untyped_storage().nbytes() == recent.hidden.nbytes
                 assert int(recent.position) == int(state.position[0])
                 torch.testing.assert_close(recent.field.float(), state.field[0].float(), atol=2e-3, rtol=2e-3)
                 torch.testing.assert_close(recent.hidden.float(), out.hidden[0].float(), atol=2e-2, rtol=2e-2)
