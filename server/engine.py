@@ -33,11 +33,11 @@ Answers (live streams): a played note must change the music from the last note t
 been *sent*, not after everything already generated. So each live stream keeps a rollback point
 (:mod:`server.rollback`): a second slab row with the field, position and heard counts at a
 *checkpoint*, the decoder and RNG step there, and the short log of tokens read since. When played
-notes arrive, the generated tokens after the latest sent note are dropped, the state goes back to
-the one after the latest sent note (a copy of it, among the stream's recent states), or else to the
-checkpoint with the kept tokens read again in one parallel pass with the played notes, the played
-notes are read, and generation goes on from there (its notes start no earlier than ``lookahead`` from now, so none is
-late). The checkpoint moves forward (:meth:`Engine._fold`) once enough sent tokens have piled up.
+notes arrive, the generated tokens after the latest sent note are dropped and the state goes back
+to the one after that note: a copy, when it is among the stream's recent states; else the
+checkpoint, with the kept tokens read again in one parallel pass. Then the played notes are read
+and generation goes on from there (its notes start no earlier than ``lookahead`` from now, so none
+is late). The checkpoint moves forward (:meth:`Engine._fold`) once enough sent tokens have piled up.
 The token after played notes is the answer: a note that starts by the lookahead (plus
 ``ANSWER_MARGIN``) from then, or with the played notes (``Stream.answer_by``, the generator's
 answer mask).
