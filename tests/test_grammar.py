@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.generation.grammar import GrammarMask
+from model.generation.grammar import MAX_UNISON, GrammarMask
 from model.tokenizer.stream import StreamDecoder
 from model.tokenizer.vocabulary import BAR, NOTE, REST, SPECIAL_KINDS, TokenKey
 
@@ -39,6 +39,28 @@ def test_a_chord_holds_at_most_max_voices_notes(bar_tokenizer):
     ok = allowed(generator, decoder)
     assert bar_tokenizer.index[TokenKey(NOTE, 79, 5, 18)] not in ok
     assert bar_tokenizer.index[TokenKey(NOTE, 79, 5, 24)] in ok
+
+
+def test_a_pitch_starts_at_most_max_unison_times_at_one_onset(bar_tokenizer):
+    grammar = GrammarMask(bar_tokenizer, torch.device("cpu"))
+    decoder = StreamDecoder(bar_tokenizer)
+    note = lambda p, c: bar_tokenizer.index[TokenKey(NOTE, p, 5, c)]
+    decoder.push(bar_tokenizer.index[TokenKey(BAR, 4, 4, 0)])
+    for _ in range(MAX_UNISON - 1):
+        decoder.push(note(60, 12))
+    assert note(60, 12) in allowed(grammar, decoder)  # two parts in unison
+    decoder.push(note(60, 12))
+    ok = allowed(grammar, decoder)
+    assert note(60, 12) not in ok  # one copy more
+    assert note(62, 12) in ok and note(55, 12) in ok  # other pitches of the chord
+    assert note(60, 18) in ok  # the same pitch at the next onset
+    other = StreamDecoder(bar_tokenizer)  # a stream beside it, in the same place, is its own
+    other.push(bar_tokenizer.index[TokenKey(BAR, 4, 4, 0)])
+    other.push(note(64, 12))
+    both = grammar([decoder, other]).numpy()
+    assert both[0, note(60, 12)] and not both[1, note(60, 12)]
+    decoder.push(note(64, 18))  # the next onset starts afresh
+    assert note(60, 18) in allowed(grammar, decoder)
 
 
 def test_an_answer_is_a_note_that_starts_by_its_limit(bar_tokenizer):

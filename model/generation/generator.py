@@ -9,8 +9,9 @@ it for training.
 
 One batched advance reads as: key pull (:mod:`.key_pull`) -> grammar mask (:mod:`.grammar`) ->
 sample the token (:mod:`model.sampling`) -> sample the note's voice and velocity from the note
-head given *that* token (:mod:`model.fm.note_head`), with the stream's own random numbers (other
-salts of the same step) and temperature -> feed the tokens back.
+head given *that* token (:mod:`model.fm.note_head`), a chord's notes in voices of their own
+(:mod:`.parts`), with the stream's own random numbers (other salts of the same step) and
+temperature -> feed the tokens back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from model.fm.machine import FieldMachine
 from model.fm.state import FieldState, FMOutput, stack_outputs, stack_states
 from model.generation.grammar import GrammarMask
+from model.generation.parts import free_voices, keep_to_parts
 from model.generation.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
 from model.sampling.batch import SamplingBatch
 from model.sampling.config import SamplingConfig
@@ -197,12 +199,16 @@ class BatchGenerator:
         """The voice and velocity level of each stream's chosen token (B,), drawn from the note
         head given that token, the voice register the stream's decoder holds before it and the
         voices already playing where the token starts, with the stream's temperature and random
-        numbers; never a voice ``banned_voices`` (B, max_voices) marks for its stream."""
+        numbers; never a voice ``banned_voices`` (B, max_voices) marks for its stream, and in music
+        written in parts never a voice that already strikes there (:mod:`.parts`)."""
         register = torch.from_numpy(register_rows(decoders)).to(self.device)
         chords = torch.from_numpy(chord_rows(decoders, tokens.tolist())).to(self.device)
         voice_logits, velocity_logits = self.model.note_logits(out.hidden, tokens, register, chords)
-        if banned_voices is not None:
-            voice_logits = voice_logits.float().masked_fill(banned_voices, float("-inf"))
+        banned = None if banned_voices is None else banned_voices.cpu().numpy()
+        masked = keep_to_parts(banned, free_voices(decoders, tokens.tolist(), voice_logits.shape[-1]))
+        if masked is not None:
+            masked = torch.from_numpy(masked).to(voice_logits.device)
+            voice_logits = voice_logits.float().masked_fill(masked, float("-inf"))
         return (sample(voice_logits, batch, salt=VOICE_SALT),
                 sample(velocity_logits, batch, salt=VELOCITY_SALT))
 

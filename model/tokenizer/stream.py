@@ -10,6 +10,7 @@ voice register, and the grammar mask (:mod:`model.generation.grammar`) knows wha
 from __future__ import annotations
 
 import copy
+import math
 from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import numpy as np
@@ -21,6 +22,9 @@ from model.tokenizer.voice_register import (REGISTER_VOICES, VoiceRegister, chor
 
 if TYPE_CHECKING:
     from model.tokenizer.tokenizer import Tokenizer
+
+CHORD_HABIT_DECAY = math.exp(-1 / 30)  # per chord note: the habit follows the latest ~30 of them
+CHORD_HABIT_MIN_NOTES = 2.0  # chord notes (decayed) before the habit says anything
 
 
 class DecodedNote(NamedTuple):
@@ -74,7 +78,12 @@ class StreamDecoder:
         self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
         self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
         self.notes_at_cursor = 0  # NOTE tokens so far at the cursor's onset (the chord's size)
+        self.pitches_at_cursor: tuple[int, ...] = ()  # their pitches
         self.register = VoiceRegister()  # each voice's latest note
+        # Notes that joined a chord, and those of them that joined a voice already striking there,
+        # each count decayed by CHORD_HABIT_DECAY per chord note (:attr:`chords_in_one_voice`).
+        self.chord_notes = 0.0
+        self.chord_notes_in_one_voice = 0.0
 
     def copy(self) -> "StreamDecoder":
         """An independent decoder in the same place (the tokenizer is shared)."""
@@ -92,7 +101,8 @@ class StreamDecoder:
         return {"bar": self.bar, "bar_start": self.bar_start, "bar_length": self.bar_length,
                 "signature": list(self.signature), "signatures": [list(s) for s in self.signatures],
                 "cursor": self.cursor, "notes_at_cursor": self.notes_at_cursor,
-                "register": self.register.state()}
+                "pitches_at_cursor": list(self.pitches_at_cursor), "register": self.register.state(),
+                "chord_habit": [self.chord_notes, self.chord_notes_in_one_voice]}
 
     @classmethod
     def from_state(cls, tokenizer: Tokenizer, state: dict) -> "StreamDecoder":
@@ -106,6 +116,14 @@ class StreamDecoder:
             decoder.signatures = [(int(a), int(b), int(c)) for a, b, c in state["signatures"]]
             decoder.cursor, decoder.notes_at_cursor = int(state["cursor"]), int(state["notes_at_cursor"])
             decoder.register = VoiceRegister.from_state(state["register"])
+            decoder.pitches_at_cursor = tuple(int(p) for p in state.get("pitches_at_cursor", ()))
+            if not all(0 <= p <= 127 for p in decoder.pitches_at_cursor):
+                raise ValueError("pitches_at_cursor must be MIDI pitches")
+            # absent from states saved before it existed: no chord seen yet
+            chords, in_one_voice = (float(v) for v in state.get("chord_habit", (0.0, 0.0)))
+            if not (0 <= in_one_voice <= chords < math.inf):
+                raise ValueError("chord_habit must be two counts, the second at most the first")
+            decoder.chord_notes, decoder.chord_notes_in_one_voice = chords, in_one_voice
         except (KeyError, TypeError, ValueError) as exc:
             raise TokenizerError(f"a malformed stream decoder state: {exc}") from exc
         if decoder.bar_length < 1:
@@ -141,6 +159,7 @@ class StreamDecoder:
             return None
         onset = self.bar_start + key.c
         self.notes_at_cursor = self.notes_at_cursor + 1 if onset == self.cursor else 1
+        self.pitches_at_cursor = (self.pitches_at_cursor if self.notes_at_cursor > 1 else ()) + (key.a,)
         self.cursor = onset
         levels = tok.config.velocity_levels
         note = DecodedNote(
@@ -152,8 +171,21 @@ class StreamDecoder:
             bar=max(self.bar, 0),
             position=key.c,
         )
+        if self.notes_at_cursor > 1:  # joins a chord
+            voice_struck = self.register.onset[min(max(voice, 0), REGISTER_VOICES - 1)] == note.onset
+            self.chord_notes = self.chord_notes * CHORD_HABIT_DECAY + 1
+            self.chord_notes_in_one_voice = self.chord_notes_in_one_voice * CHORD_HABIT_DECAY + voice_struck
         self.register.note(voice, note.pitch, note.onset, note.onset + note.duration)
         return note
+
+    @property
+    def chords_in_one_voice(self) -> float | None:
+        """Of the notes that joined a chord in this stream lately (a memory of about 30), the share
+        that joined a voice already striking there: near 1 for music that writes a hand's chords as
+        one voice, near 0 for music in parts. None before :data:`CHORD_HABIT_MIN_NOTES` such notes."""
+        if self.chord_notes < CHORD_HABIT_MIN_NOTES:
+            return None
+        return self.chord_notes_in_one_voice / self.chord_notes
 
     def note_onset(self, token: int) -> int:
         """Internal step where ``token`` would start if it came next (-2 when it is no note)."""
