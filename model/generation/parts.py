@@ -12,9 +12,11 @@ on as one voice playing both lines. So, while sampling, a note that joins a chor
    below it), so parts do not cross inside a chord;
 2. while fewer than :data:`NEW_VOICES_UP_TO` voices have been heard, the voices not heard yet (a
    new part enters: the fugue's second voice);
-3. the voices heard that do not strike there, on either side;
-4. every voice, as the note head says, when none of those has one (four parts heard, all in the
-   chord), and always in a stream that writes its chords in one voice (a keyboard piece written
+3. a voice of the chord on the note's side of the others and above the note: two notes in one
+   voice, as a keyboard hand plays them, rather than parts crossing;
+4. the voices heard that do not strike there, on either side;
+5. every voice, as the note head says, when none of those has one (a note above a chord of four
+   parts), and always in a stream that writes its chords in one voice (a keyboard piece written
    as one track, a cello's double stops: :attr:`StreamDecoder.chords_in_one_voice` at least
    :data:`ONE_VOICE_CHORDS`, from the prompt, the notes played in and what was generated).
 
@@ -61,7 +63,7 @@ def free_voices(decoders: list[StreamDecoder], tokens: list[int], max_voices: in
         in_order = (((pitch[:, None] > chord) == (new > chord)) | (chord == new)).all(axis=1)
         room = heard.sum() < NEW_VOICES_UP_TO
         free = np.zeros(max_voices, dtype=bool)
-        for among in (heard & in_order & ~striking, ~heard & ~striking if room else free, heard & ~striking):
+        for among in (heard & in_order & ~striking, ~heard & ~striking if room else free, heard & in_order, heard & ~striking):
             if among.any():
                 free = among
                 break
