@@ -10,7 +10,9 @@ reports how varied, prompt-faithful and seed-dependent the continuations are, an
 would notice in them beside the real continuations: voices, melodic moves, chords, velocities,
 key and voice crossing (:mod:`model.evaluation.continuation`, :mod:`model.evaluation.music`).
 ``--plots DIR`` also draws each prompt's generated and real continuations as a piano roll,
-``DIR/<position>_<file stem>.png`` (:mod:`model.evaluation.piano_roll`).
+``DIR/<position>_<file stem>.png`` (:mod:`model.evaluation.piano_roll`), and ``--per_piece``
+prints each piece's figures (``--json`` always holds them, under ``pieces``): the averages hide
+which pieces fail.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from model.checkpoint.files import CheckpointError
 from model.checkpoint.format import load_model
 from model.evaluation.baselines import Baselines
-from model.evaluation.continuation import continue_pieces, format_metrics, summarize
+from model.evaluation.continuation import continue_pieces, format_metrics, format_pieces, piece_figures, summarize
 from model.evaluation.nll import sequence_nll
 from model.evaluation.piano_roll import write_piano_rolls
 from model.generation.generator import BatchGenerator
@@ -72,9 +74,10 @@ def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
         run = continue_pieces(BatchGenerator(model, tokenizer), sequences, continuations,
                               prompt_tokens=prompt_tokens, tokens=continuation_tokens, sampling=sampling)
         extra = summarize(run, tokenizer)
-        extra = {"continuations": extra.pop("n"), **extra}
+        names = [Path(corpus.files[piece.index].path).stem for piece in run.pieces]
+        extra = {"continuations": extra.pop("n"), **extra,
+                 "pieces": [{"name": name, **figures} for name, figures in zip(names, piece_figures(run))]}
         if plots_dir:
-            names = [Path(corpus.files[piece.index].path).stem for piece in run.pieces]
             written = write_piano_rolls(run, names, plots_dir, tokenizer.timebase.resolution)
             extra["plots"] = [str(path) for path in written]
     return {
@@ -91,7 +94,7 @@ def evaluate(checkpoint: str, midi_dir: str, *, device: str = "auto",
     }
 
 
-def format_table(r: dict) -> str:
+def format_table(r: dict, per_piece: bool = False) -> str:
     rows = [
         f"checkpoint  {r['checkpoint']}",
         f"files       {r['files']} read ({r['recovered']} recovered), {len(r['skipped'])} skipped",
@@ -106,6 +109,8 @@ def format_table(r: dict) -> str:
     rows += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
     if r.get("continuations"):
         rows += ["", format_metrics({**r, "n": r["continuations"]})]
+    if per_piece and r.get("pieces"):
+        rows += ["", format_pieces([p["name"] for p in r["pieces"]], r["pieces"])]
     if r.get("plots"):
         rows.append(f"piano rolls: {len(r['plots'])} written to {Path(r['plots'][0]).parent}")
     return "\n".join(rows)
@@ -132,10 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", default=None, metavar="DIR",
                         help="with --continuations: write one piano roll per prompt, generated above "
                              "real, to DIR/<position>_<file stem>.png")
+    parser.add_argument("--per_piece", action="store_true",
+                        help="with --continuations: also print each piece's figures, generated / real "
+                             "(--json always has them, under pieces)")
     add_dataclass_arguments(parser, SamplingConfig)
     args = parser.parse_args(argv)
     if args.plots and not args.continuations:
         parser.error("--plots draws the continuations: give --continuations N too")
+    if args.per_piece and not args.continuations:
+        parser.error("--per_piece prints the continuations' figures: give --continuations N too")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         result = evaluate(args.checkpoint, args.midi_dir, device=args.device,
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result) if args.json else format_table(result))
+    print(json.dumps(result) if args.json else format_table(result, per_piece=args.per_piece))
     return 0
 
 

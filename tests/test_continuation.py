@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.evaluation.continuation import (continuation_metrics, continue_pieces, decode_after, distinctness,
-                                           format_metrics, generate_batch, js_distance, longest_repeat,
-                                           pitch_class_histogram, prompt_fidelity, seed_spread)
+from model.evaluation.continuation import (PIECE_FIGURES, continuation_metrics, continue_pieces, decode_after,
+                                           distinctness, format_metrics, format_pieces, generate_batch,
+                                           js_distance, longest_repeat, piece_figures, pitch_class_histogram,
+                                           prompt_fidelity, seed_spread, summarize)
 from model.fm.config import ModelConfig
 from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator, StreamStep
@@ -150,6 +151,27 @@ def test_real_continuations_are_decoded_with_their_voices_and_velocities(tokeniz
     assert piece.real_notes[0].onset > piece.prompt_notes[-1].onset  # on the prompt's timeline
 
 
+def test_each_piece_has_its_own_figures_and_they_average_to_the_summary(tokenizer):
+    """Real continuations in one voice for the first piece and alternating two voices for the
+    others: the per-piece busiest voice tells them apart, and its mean is the summary's."""
+    sequences = [TokenSequence(p, np.full(len(p), 4), np.arange(len(p)) % (1 if i == 0 else 2))
+                 for i, p in enumerate(pieces(tokenizer))]
+    run = continue_pieces(BatchGenerator(untrained(tokenizer), tokenizer), sequences, 3, prompt_tokens=12,
+                          tokens=20, progress=False)
+    figures = piece_figures(run)
+    assert len(figures) == 3 and all(set(f["real"]) == set(PIECE_FIGURES) for f in figures)
+    assert [f["real"]["busiest_voice_share"] for f in figures] == [1.0, 0.5, 0.5]
+    summary = summarize(run, tokenizer)
+    for side, prefix in (("generated", ""), ("real", "real_")):
+        assert np.mean([f[side]["busiest_voice_share"] for f in figures]) == pytest.approx(
+            summary[prefix + "busiest_voice_share"])
+        assert max(f[side]["longest_repeat"] for f in figures) == summary[prefix + "longest_repeat"]
+    table = format_pieces(["first", "second", "third"], figures).splitlines()
+    voices = f"{figures[0]['generated']['voices_used']:.2f} / 1.00"  # voices used, generated / real
+    assert table[2].split()[:4] == ["first", *voices.split()]
+    assert len(table) == 2 + 3
+
+
 def test_format_metrics_shows_generated_and_real_music_figures(tokenizer):
     m = continuation_metrics(BatchGenerator(untrained(tokenizer), tokenizer),
                              [TokenSequence(p, np.full(len(p), 4), np.zeros(len(p), np.int64))
@@ -175,6 +197,20 @@ def test_evaluate_reports_continuations_in_json(tiny_run):
                 "longest_repeat", *MUSIC_KEYS, *(f"real_{k}" for k in MUSIC_KEYS)):
         assert isinstance(report[key], (int, float)), key
     assert set(report["notes_per_onset_distribution"]) == {"1", "2", "3", "4", "5+"}
+    # the first three files long enough, in path order, each with its own figures
+    assert [p["name"] for p in report["pieces"]] == ["piece00", "piece01", "piece02"]
+    assert all(set(p["generated"]) == set(p["real"]) == set(PIECE_FIGURES) for p in report["pieces"])
     table = run_module("model.evaluate", "--checkpoint", str(tiny_run / "best"), "--midi_dir", midi_dir,
-                       "--continuations", "3", "--prompt_tokens", "16", "--continuation_tokens", "24")
+                       "--continuations", "3", "--prompt_tokens", "16", "--continuation_tokens", "24",
+                       "--per_piece")
     assert "distinctness" in table.stdout and "seed_spread" in table.stdout and "voice_crossing" in table.stdout
+    rows = table.stdout.splitlines()
+    first = rows.index("per piece, generated / real")
+    assert [r.split()[0] for r in rows[first + 2:first + 5]] == ["piece00", "piece01", "piece02"]
+
+
+def test_per_piece_needs_continuations(tiny_run):
+    midi_dir = json.loads((tiny_run / "latest" / "config.json").read_text())["train"]["midi_dir"]
+    result = run_module("model.evaluate", "--checkpoint", str(tiny_run / "best"), "--midi_dir", midi_dir,
+                        "--per_piece")
+    assert result.returncode == 2 and "--continuations" in result.stderr

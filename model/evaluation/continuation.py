@@ -231,6 +231,38 @@ def summarize(run: Continuations, tokenizer: Tokenizer) -> dict:
     }
 
 
+PIECE_FIGURES = ("voices_used", "busiest_voice_share", "chords_in_one_voice", "mean_melodic_move", "step_share",
+                 "notes_per_onset", "key_correlation", "voice_crossing", "longest_repeat")
+"""The figures :func:`piece_figures` gives each piece, generated and real."""
+
+
+def piece_figures(run: Continuations) -> list[dict]:
+    """Per piece of ``run``, the figures of :data:`PIECE_FIGURES` of its generated and its real
+    continuation (``{"generated": {...}, "real": {...}}``): the averages of :func:`summarize`
+    hide which pieces fail, and a listener hears pieces."""
+    def figures(prompt: list[DecodedNote], notes: list[DecodedNote], ids: np.ndarray) -> dict:
+        every = {**music_figures([prompt], [notes]), "longest_repeat": longest_repeat(ids)}
+        return {key: every[key] for key in PIECE_FIGURES}
+
+    return [{"generated": figures(p.prompt_notes, p.generated_notes, p.generated.ids),
+             "real": figures(p.prompt_notes, p.real_notes, p.real.ids)} for p in run.pieces]
+
+
+def format_pieces(names: list[str], pieces: list[dict]) -> str:
+    """:func:`piece_figures` as a table, a row per piece: each figure generated / real."""
+    short = {"voices_used": "voices", "busiest_voice_share": "busiest", "chords_in_one_voice": "in one voice",
+             "mean_melodic_move": "move", "step_share": "steps", "notes_per_onset": "per onset",
+             "key_correlation": "key", "voice_crossing": "crossing", "longest_repeat": "repeat"}
+    width = max([len(n) for n in names] + [len("piece")]) + 2
+    cell = lambda key, value: f"{value:.0f}" if key == "longest_repeat" else f"{value:.2f}"
+    rows = ["per piece, generated / real",
+            f"{'piece':<{width}}" + "".join(f"{short[k]:>14}" for k in PIECE_FIGURES)]
+    for name, piece in zip(names, pieces):
+        rows.append(f"{name:<{width}}" + "".join(
+            f"{cell(k, piece['generated'][k]) + ' / ' + cell(k, piece['real'][k]):>14}" for k in PIECE_FIGURES))
+    return "\n".join(rows)
+
+
 def continuation_metrics(generator: BatchGenerator, sequences: list[TokenSequence], n: int,
                          **options) -> dict:
     """:func:`summarize` of :func:`continue_pieces` (``options`` are its keyword arguments)."""
