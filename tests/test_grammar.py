@@ -61,6 +61,10 @@ def test_a_pitch_starts_at_most_max_unison_times_at_one_onset(bar_tokenizer):
     assert both[0, note(60, 12)] and not both[1, note(60, 12)]
     decoder.push(note(64, 18))  # the next onset starts afresh
     assert note(60, 18) in allowed(grammar, decoder)
+    for _ in range(MAX_UNISON):
+        decoder.push(note(60, 18))
+    decoder.push(bar_tokenizer.index[TokenKey(BAR, 4, 4, 0)])  # a bar line ends the onset too
+    assert decoder.notes_at_cursor == 0 and note(60, 0) in allowed(grammar, decoder)
 
 
 def test_an_answer_is_a_note_that_starts_by_its_limit(bar_tokenizer):

@@ -65,9 +65,10 @@ class GrammarMask:
                     self._rows.clear()
                 row = self._rows[key] = self._row(*key)
             rows.append(row)
-            full = [p for p, n in Counter(d.pitches_at_cursor).items() if n >= MAX_UNISON]
-            if full:
-                unisons.append((len(rows) - 1, key[0], full))
+            if d.notes_at_cursor >= MAX_UNISON:
+                full = [p for p, n in Counter(d.pitches_at_cursor).items() if n >= MAX_UNISON]
+                if full:
+                    unisons.append((len(rows) - 1, key[0], full))
         mask = torch.stack(rows)
         for i, now, full in unisons:
             pitches = torch.tensor(full, dtype=self.token_pitch.dtype, device=self.token_pitch.device)

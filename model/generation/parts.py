@@ -61,15 +61,12 @@ def free_voices(decoders: list[StreamDecoder], tokens: list[int], max_voices: in
         chord = pitch[striking]
         # a voice on the note's side of each chord note: below a note the chord has above it, ...
         in_order = (((pitch[:, None] > chord) == (new > chord)) | (chord == new)).all(axis=1)
-        room = heard.sum() < NEW_VOICES_UP_TO
-        free = np.zeros(max_voices, dtype=bool)
-        for among in (heard & in_order & ~striking, ~heard & ~striking if room else free, heard & in_order, heard & ~striking):
-            if among.any():
-                free = among
+        opening = ~heard & ~striking if heard.sum() < NEW_VOICES_UP_TO else np.zeros_like(heard)
+        for free in (heard & in_order & ~striking, opening, heard & in_order, heard & ~striking):
+            if free.any():
+                row[:] = free
+                narrowed = True
                 break
-        if free.any():
-            row[:] = free
-            narrowed = True
     return allowed if narrowed else None
 
 
@@ -77,10 +74,7 @@ def keep_to_parts(banned: np.ndarray | None, allowed: np.ndarray | None) -> np.n
     """The voices to mask per stream: ``banned`` (True: the stream never plays it) and whatever
     :func:`free_voices` leaves out, except in a stream where together they would leave no voice
     (there only ``banned`` counts). None when nothing is masked."""
-    if allowed is None:
-        return banned
-    parts = ~allowed if banned is None else banned | ~allowed
-    if banned is None:
-        return parts
-    open_left = (~parts).any(axis=1, keepdims=True)
-    return np.where(open_left, parts, banned)
+    if allowed is None or banned is None:
+        return banned if allowed is None else ~allowed
+    both = banned | ~allowed
+    return np.where((~both).any(axis=1, keepdims=True), both, banned)

@@ -77,8 +77,7 @@ class StreamDecoder:
         self.signature = (4, 4)
         self.signatures: list[tuple[int, int, int]] = []  # (start in internal steps, num, den)
         self.cursor = 0  # grid steps: onset of the latest BAR, NOTE or REST
-        self.notes_at_cursor = 0  # NOTE tokens so far at the cursor's onset (the chord's size)
-        self.pitches_at_cursor: tuple[int, ...] = ()  # their pitches
+        self.pitches_at_cursor: tuple[int, ...] = ()  # pitches of the NOTE tokens so far at the cursor's onset
         self.register = VoiceRegister()  # each voice's latest note
         # Notes that joined a chord, and those of them that joined a voice already striking there,
         # each count decayed by CHORD_HABIT_DECAY per chord note (:attr:`chords_in_one_voice`).
@@ -100,7 +99,7 @@ class StreamDecoder:
         """Where this decoder stands, as JSON-ready values (:meth:`from_state` reads them back)."""
         return {"bar": self.bar, "bar_start": self.bar_start, "bar_length": self.bar_length,
                 "signature": list(self.signature), "signatures": [list(s) for s in self.signatures],
-                "cursor": self.cursor, "notes_at_cursor": self.notes_at_cursor,
+                "cursor": self.cursor, "notes_at_cursor": self.notes_at_cursor,  # for readers before pitches_at_cursor
                 "pitches_at_cursor": list(self.pitches_at_cursor), "register": self.register.state(),
                 "chord_habit": [self.chord_notes, self.chord_notes_in_one_voice]}
 
@@ -114,8 +113,9 @@ class StreamDecoder:
             num, den = (int(v) for v in state["signature"])
             decoder.signature = (num, den)
             decoder.signatures = [(int(a), int(b), int(c)) for a, b, c in state["signatures"]]
-            decoder.cursor, decoder.notes_at_cursor = int(state["cursor"]), int(state["notes_at_cursor"])
+            decoder.cursor = int(state["cursor"])
             decoder.register = VoiceRegister.from_state(state["register"])
+            # absent from states saved before it existed (they kept only the count): no chord yet
             decoder.pitches_at_cursor = tuple(int(p) for p in state.get("pitches_at_cursor", ()))
             if not all(0 <= p <= 127 for p in decoder.pitches_at_cursor):
                 raise ValueError("pitches_at_cursor must be MIDI pitches")
@@ -129,6 +129,11 @@ class StreamDecoder:
         if decoder.bar_length < 1:
             raise TokenizerError("a malformed stream decoder state: bar_length must be at least 1")
         return decoder
+
+    @property
+    def notes_at_cursor(self) -> int:
+        """NOTE tokens so far at the cursor's onset (the chord's size)."""
+        return len(self.pitches_at_cursor)
 
     @property
     def bar_end(self) -> int:
@@ -149,17 +154,16 @@ class StreamDecoder:
                 self.signatures.append((tok.timebase.steps_from_grid(self.bar_start), key.a, key.b))
             self.signature = (key.a, key.b)
             self.cursor = self.bar_start
-            self.notes_at_cursor = 0
+            self.pitches_at_cursor = ()
             return None
         if key.kind == REST:
             if self.bar_start + key.c != self.cursor:
-                self.notes_at_cursor = 0
+                self.pitches_at_cursor = ()
             self.cursor = self.bar_start + key.c
         if key.kind != NOTE:
             return None
         onset = self.bar_start + key.c
-        self.notes_at_cursor = self.notes_at_cursor + 1 if onset == self.cursor else 1
-        self.pitches_at_cursor = (self.pitches_at_cursor if self.notes_at_cursor > 1 else ()) + (key.a,)
+        self.pitches_at_cursor = (self.pitches_at_cursor if onset == self.cursor else ()) + (key.a,)
         self.cursor = onset
         levels = tok.config.velocity_levels
         note = DecodedNote(
