@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from model.checkpoint import format as ckpt
 from model.checkpoint.atomic import write_json
 from model.checkpoint.files import CheckpointError
+from model.checkpoint.format import load_model
 from model.evaluation.baselines import Baselines
 from model.fm.config import ModelConfig
 from model.fm.loss import mean_losses, sequence_loss, sequence_loss_sums
@@ -36,6 +37,7 @@ from model.tokenizer.vocabulary import TokenShape
 from model.training.batches import Example, collate, make_example, windows
 from model.training.corpus import load_corpus
 from model.training.distributed import Ranks, ranks_from_environment
+from model.training.key_teacher import KeyTeacher, KeyTeacherSettings
 from model.training.run_folder import RUN_STATS_FILE, TRAINER_FILES, append_log_row, checkpoint_dirs
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,14 @@ class TrainConfig:
         "help": "train only the parameters whose names start with one of these comma-separated prefixes "
                 "(e.g. note_head: fit a head added with --init_from while the rest stays exactly as it was, "
                 "which also skips the backward pass through the body); empty = every parameter"})
+    learn_key_pull: float = field(default=0.0, metadata={
+        "help": "learn the key pull on the model's own continuations (model.training.key_teacher): every step "
+                "the model also continues --rollout_streams training prompts alone and is trained toward the "
+                "--init_from checkpoint's choices there, pulled toward each prompt's pitch classes with this "
+                "strength (0 = off; needs --init_from; one process)"})
+    rollout_streams: int = field(default=8, metadata={"help": "--learn_key_pull: prompts continued per step"})
+    rollout_prompt_tokens: int = field(default=64, metadata={"help": "--learn_key_pull: tokens per prompt"})
+    rollout_tokens: int = field(default=256, metadata={"help": "--learn_key_pull: tokens per continuation"})
 
 
 # Model settings that come from the tokenizer (its TokenShape), never from flags.
@@ -166,7 +176,8 @@ LOSS_SUMS = ("token", "velocity", "voice")
 
 def train_step(loss: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                *, lr: float, grad_clip: float, device: torch.device, dtype: torch.dtype,
-               ranks: Ranks | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               ranks: Ranks | None = None, extra_loss: Callable[[], torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step at learning rate ``lr`` on ``batch``, this process's share of the step's
     global batch (all of it in one process): the global batch's losses (``token``, ``velocity``,
     ``voice``, ``total``, and its count of targets, ``tokens``) and the gradient norm.
@@ -176,6 +187,9 @@ def train_step(loss: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[st
     numbers of tokens) and multiplied by the number of ranks, as DDP averages the ranks'
     gradients: the gradient is that of the mean over all the global batch's tokens, the one a
     single process holding the whole batch computes.
+
+    ``extra_loss`` (one process only): a second loss added before the backward pass (the key
+    teacher's, :mod:`model.training.key_teacher`), shown as ``key``.
     """
     ranks = ranks or Ranks.one_process(device)
     for group in optimizer.param_groups:
@@ -185,10 +199,12 @@ def train_step(loss: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[st
     with autocast(device, dtype):
         sums = loss(batch)
     losses = mean_losses(sums, tokens, notes)
-    grad_norm = optimizer_step(loss, optimizer, losses["total"] * ranks.world_size, grad_clip)
+    extra = extra_loss() if extra_loss is not None else None
+    total = losses["total"] * ranks.world_size + (0 if extra is None else extra)
+    grad_norm = optimizer_step(loss, optimizer, total, grad_clip)
     totals = ranks.sum(torch.stack([sums[k].detach() for k in LOSS_SUMS]))
-    shown = mean_losses(dict(zip(LOSS_SUMS, totals)), tokens, notes)
-    return shown | {"tokens": tokens}, grad_norm
+    shown = mean_losses(dict(zip(LOSS_SUMS, totals)), tokens, notes) | {"tokens": tokens}
+    return shown | ({} if extra is None else {"key": extra.detach()}), grad_norm
 
 
 @torch.no_grad()
@@ -309,6 +325,7 @@ class Trainer:
                                   "be one shared folder")
         if self.ranks.distributed:  # the same weights everywhere (DDP checks), dropout of its own
             torch.manual_seed(cfg.seed + self.ranks.rank)
+        self.key_teacher = self._key_teacher(train_seqs) if cfg.learn_key_pull else None
         self.batch_loss = self.ranks.wrap(BatchLoss(self.model))
         self.steps_per_epoch = math.ceil(len(windows(self.train, cfg.max_seq_len, None)) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -321,6 +338,24 @@ class Trainer:
         self.model.load_state_dict({**expected, **kept})
         added = sorted(expected.keys() - start.state_dict.keys())
         logger.info("weights from %s (step %d); new: %s", start.path, start.step, ", ".join(added) or "none")
+
+    def _key_teacher(self, sequences: list) -> KeyTeacher:
+        """``--learn_key_pull``: the ``--init_from`` checkpoint, frozen, as the teacher."""
+        cfg = self.cfg
+        if cfg.learn_key_pull < 0:
+            raise ValueError(f"--learn_key_pull must be 0 (off) or above, not {cfg.learn_key_pull}")
+        if not cfg.init_from:
+            raise ValueError("--learn_key_pull needs --init_from: the checkpoint whose choices, pulled toward "
+                             "the prompt's key, the model learns")
+        if self.ranks.distributed:
+            raise ValueError("--learn_key_pull runs in one process; start it without torchrun")
+        teacher, tokenizer, _ = load_model(cfg.init_from, device=self.device)
+        if tokenizer.vocab != self.tokenizer.vocab:
+            raise ValueError(f"--learn_key_pull: {cfg.init_from} has another vocabulary than this run")
+        settings = KeyTeacherSettings(cfg.learn_key_pull, cfg.rollout_streams, cfg.rollout_prompt_tokens,
+                                      cfg.rollout_tokens)
+        return KeyTeacher(self.model, teacher, self.tokenizer, sequences, settings,
+                          np.random.default_rng(cfg.seed + 1))
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
         if not self.dirs.latest.exists():
@@ -361,19 +396,22 @@ class Trainer:
                     losses, grad_norm = train_step(
                         self.batch_loss, self.optimizer, batch,
                         lr=lr_at(self.step, self.total_steps, cfg, time_fraction),
-                        grad_clip=cfg.grad_clip, device=self.device, dtype=self.dtype, ranks=ranks)
+                        grad_clip=cfg.grad_clip, device=self.device, dtype=self.dtype, ranks=ranks,
+                        extra_loss=self._key_loss if self.key_teacher else None)
                     self.step += 1
                     tokens_seen += int(losses["tokens"])
                     elapsed = time.perf_counter() - started
                     rate = tokens_seen / max(elapsed, 1e-9)
                     bar.update(1)
-                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{losses['token'].item():.3f}",
+                    key = {"key": f"{losses['key'].item():.3f}"} if "key" in losses else {}
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{losses['token'].item():.3f}", **key,
                                     val="-" if val is None else f"{val:.3f}", tok_s=f"{rate:,.0f}")
                     if self.step % cfg.print_steps == 0 and ranks.is_main:
                         append_log_row(self.out, {
                             "step": self.step, "epoch": self.epoch + 1, "loss": round(losses["token"].item(), 5),
                             "velocity_loss": round(losses["velocity"].item(), 5),
                             "voice_loss": round(losses["voice"].item(), 5),
+                            **({"key_loss": round(losses["key"].item(), 5)} if "key" in losses else {}),
                             "val_loss": "" if val is None else round(val, 5),
                             "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
                             "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(rate),
@@ -414,6 +452,9 @@ class Trainer:
             write_json(self.out / RUN_STATS_FILE, stats)
         ranks.barrier()  # no rank leaves (torchrun would stop the rest) before rank 0 has saved
         return stats
+
+    def _key_loss(self) -> torch.Tensor:
+        return self.key_teacher.loss(lambda: autocast(self.device, self.dtype))
 
     def epoch_examples(self) -> list[Example]:
         """One example per training file for this epoch: a random one of its transpositions."""
