@@ -12,7 +12,9 @@ from model.evaluation.continuation import continuation_metrics
 from model.fm.config import ModelConfig
 from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator
-from model.generation.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
+from model.generation.key_pull import (heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard,
+                                       toward_key)
+from model.keys import estimate_key, key_profiles
 from model.sampling.config import SamplingConfig
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.tokenizer import Tokenizer
@@ -79,14 +81,35 @@ def test_the_pull_favours_heard_pitch_classes_and_keeps_bars_and_rests(tokenizer
 
 
 def test_one_played_note_pulls_gently(tokenizer):
-    """PRIOR_NOTES: after one C, C gains (2/13 : 1/13) ** 1.5 against every other pitch class."""
+    """PRIOR_NOTES: after one C (half of it read as C, half as its key's profile), C gains
+    ((0.5 + 0.5 k_C + 1) / (0.5 k_D + 1)) ** 1.5 against D, k the key's profile as shares."""
     classes = pitch_class_matrix(note_pitch_classes(tokenizer))
     logits = torch.zeros(1, tokenizer.vocab_size)
     heard = torch.zeros(1, 12)
     heard[0, 0] = 1.0
     after = probabilities(pull_toward_heard(logits, heard, torch.tensor([1.5]), classes))[0]
+    key = key_profiles()[estimate_key(heard[0].numpy())]
+    share = key / key.sum()
     ratio = after[note(tokenizer, 60)] / after[note(tokenizer, 62)]
-    assert ratio.item() == pytest.approx(2 ** 1.5, rel=1e-4)
+    assert ratio.item() == pytest.approx(((0.5 + 0.5 * share[0] + 1) / (0.5 * share[2] + 1)) ** 1.5, rel=1e-4)
+    assert 1.2 < ratio.item() < 2 ** 1.5  # gentler than a pull toward the one note alone
+
+
+def test_the_pull_leans_toward_the_key_not_only_the_notes_heard(tokenizer):
+    """A prompt of G and D only: the pull favours the rest of G major (B, E, A, C, F#) over the
+    notes outside it (C#, F, G#), which a pull toward the heard notes alone would weigh alike."""
+    pitch_classes = torch.tensor(note_pitch_classes(tokenizer))
+    classes = pitch_class_matrix(note_pitch_classes(tokenizer))
+    heard = torch.zeros(1, 12)
+    heard[0, 7], heard[0, 2] = 30.0, 20.0
+    assert estimate_key(heard[0].numpy()) == 7  # G major
+    leaning = toward_key(heard)[0]
+    assert leaning.sum().item() == pytest.approx(50.0)
+    after = probabilities(pull_toward_heard(torch.zeros(1, tokenizer.vocab_size), heard, torch.tensor([1.5]),
+                                            classes))[0]
+    mass = lambda pcs: after[torch.isin(pitch_classes, torch.tensor(pcs))].sum() / len(pcs)
+    assert mass([7, 2]) > mass([11, 4, 9, 0, 6]) > 1.3 * mass([1, 5, 8])
+    assert torch.equal(toward_key(torch.zeros(2, 12)), torch.zeros(2, 12))  # nothing heard: nothing to lean on
 
 
 def test_continuations_follow_their_prompts_with_the_pull(tokenizer):

@@ -37,16 +37,11 @@ from typing import Sequence
 
 import numpy as np
 
+from model.keys import estimate_key, key_profiles, pearson
 from model.tokenizer.stream import DecodedNote
 
 STEP = 2  # the largest move, in semitones, that counts as a step
 ONSET_SIZES = ("1", "2", "3", "4", "5+")  # the buckets of notes_per_onset_distribution
-
-# Krumhansl-Kessler probe-tone ratings, tonic first (Krumhansl 1990, "Cognitive Foundations of
-# Musical Pitch", table 2.1).
-MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
-
 
 # ----------------------------------------------------------------------------- voices
 def voices_used(notes: Sequence[DecodedNote]) -> int:
@@ -113,26 +108,6 @@ def pitch_class_profile(notes: Sequence[DecodedNote]) -> np.ndarray:
     for n in notes:
         profile[n.pitch % 12] += n.duration
     return profile
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two profiles; 0 when either is flat (no variance, e.g. no notes)."""
-    a, b = a - a.mean(), b - b.mean()
-    norm = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / norm) if norm > 1e-12 else 0.0
-
-
-def key_profiles() -> np.ndarray:
-    """``(24, 12)`` Krumhansl-Kessler profiles of the 24 keys: rows 0-11 C..B major, 12-23 C..B
-    minor, each rotated so its tonic sits on its pitch class."""
-    return np.stack([np.roll(profile, tonic) for profile in (MAJOR_PROFILE, MINOR_PROFILE)
-                     for tonic in range(12)])
-
-
-def estimate_key(profile: np.ndarray) -> int:
-    """Krumhansl-Schmuckler key finding: the row of :func:`key_profiles` whose profile correlates
-    best (Pearson) with a duration-weighted pitch-class ``profile``."""
-    return int(np.argmax([pearson(key, profile) for key in key_profiles()]))
 
 
 def key_correlation(prompt: Sequence[DecodedNote], continuation: Sequence[DecodedNote]) -> float:

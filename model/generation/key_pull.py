@@ -1,28 +1,29 @@
 """Key pull: lean a stream's notes toward the pitch classes it has heard from its player.
 
 Left alone, a model trained on Bach drifts: a prompt in B minor is continued in A or D major
-within a few bars (the shipped checkpoint's continuations sit closer to another prompt than to
-their own 4 times in 5; real continuations 1 time in 2). A musician who plays in a key wants the
-answer in that key. So each stream keeps what it has *heard*: the count of every pitch class among
-the notes of its prompt and the notes played into it (12 floats, a fixed size whatever the length
-of the session; the model's own notes are not counted, so the pull cannot feed on itself and lock
-onto one note). When a stream samples, every NOTE token's logit moves by
+within a few bars. A musician who plays in a key wants the answer in that key. So each stream
+keeps what it has *heard*: the count of every pitch class among the notes of its prompt and the
+notes played into it (12 floats, a fixed size whatever the length of the session; the model's own
+notes are not counted, so the pull cannot feed on itself and lock onto one note). When a stream
+samples, every NOTE token's logit moves by
 
-    key_pull * log(share[pitch class]),  share = (heard + PRIOR_NOTES / 12) / (notes heard + PRIOR_NOTES)
+    key_pull * log(share[pitch class]),
+    leaning = (1 - KEY_SHARE) * heard + KEY_SHARE * key(heard)
+    share = (leaning + PRIOR_NOTES / 12) / (notes heard + PRIOR_NOTES)
 
-(``share``: the heard histogram with ``PRIOR_NOTES`` pseudo-notes spread evenly over the 12
-pitch classes, so a few notes played into an empty session pull gently: after one C, C is
-(2/13 : 1/13)^1.5 ~ 2.8 times as likely as before relative to the other pitch classes; after a
-64-token prompt of ~60 notes the histogram dominates), and then all NOTE logits move by
-one common shift so that the total probability of NOTE tokens is what the model gave it: the
-pull re-weights pitch classes among notes and leaves bars and rests, i.e. the rhythm, alone.
-A stream that has heard nothing (no prompt) gets a constant shift, which the renormalisation
-cancels: no pull. ``key_pull = 0`` is off.
+``key(heard)``: the Krumhansl-Kessler profile of the key the heard notes imply (Krumhansl-Schmuckler
+key finding, :mod:`model.keys`), scaled to as many notes as were heard. Half the pull goes to the
+key, not to the exact pitches: a short prompt holds only a few of its key's notes (a bar of G and
+D), and a pull toward those alone crowded the music onto them (the shipped checkpoint's
+`goldberg` continuation repeated its notes: steps 0.94, key correlation 0.20 against Bach's
+0.79). ``PRIOR_NOTES`` pseudo-notes are spread evenly over the 12 pitch classes, so a few notes
+played into an empty session pull gently; after a 64-token prompt of ~60 notes the leaning
+dominates. Then all NOTE logits move by one common shift so that the total probability of NOTE
+tokens is what the model gave it: the pull re-weights pitch classes among notes and leaves bars
+and rests, i.e. the rhythm, alone. A stream that has heard nothing (no prompt) gets a constant
+shift, which the renormalisation cancels: no pull. ``key_pull = 0`` is off.
 
-Measured on the shipped checkpoint, 20 held-out prompts, seeds 0 / 2 / 4 (``checkpoints/README.md``):
-``prompt_fidelity`` 0.20 / 0.10 / 0.15 with no pull, 0.70 / 0.75 / 0.80 at 1, 0.80 / 0.75 / 0.75
-at 1.5 (the default) and 0.75 / 0.70 / 0.80 at 2: stronger pulls crowd onto fewer notes (longer
-runs of one repeated token) without following the prompt better.
+Measured figures are in ``checkpoints/README.md`` (*Held-out results*).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.keys import key_profiles
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import NOTE
 
 PRIOR_NOTES = 12.0  # pseudo-notes spread evenly over the 12 pitch classes before anything is heard
 PITCH_CLASSES = 12
+KEY_SHARE = 0.5  # share of the pull that leans toward the heard notes' key rather than the notes themselves
 
 
 @lru_cache(maxsize=8)
@@ -66,6 +69,19 @@ def pitch_class_matrix(pitch_classes: np.ndarray) -> Tensor:
     return matrix
 
 
+def toward_key(heard: Tensor) -> Tensor:
+    """``(B, 12)`` pitch-class counts -> what the pull leans toward (module docstring): the counts
+    mixed with the Krumhansl-Kessler profile of their key, scaled to the same number of notes.
+    Rows of zeros stay zero."""
+    heard = heard.float()
+    profiles = torch.tensor(key_profiles(), dtype=torch.float32, device=heard.device)  # (24, 12)
+    centred, keys = heard - heard.mean(1, keepdim=True), profiles - profiles.mean(1, keepdim=True)
+    correlation = (centred @ keys.T) / (centred.norm(dim=1, keepdim=True) * keys.norm(dim=1)).clamp_min(1e-12)
+    key = profiles[correlation.argmax(dim=1)]
+    scaled = key * (heard.sum(dim=1, keepdim=True) / key.sum(dim=1, keepdim=True))
+    return (1 - KEY_SHARE) * heard + KEY_SHARE * scaled
+
+
 def pull_toward_heard(logits: Tensor, heard: Tensor, strength: Tensor, classes: Tensor) -> Tensor:
     """``(B, V)`` float logits -> pulled float32 logits (see the module docstring).
 
@@ -75,7 +91,7 @@ def pull_toward_heard(logits: Tensor, heard: Tensor, strength: Tensor, classes: 
     class, and the per-class shift spread back over the tokens.
     """
     logits = logits.float()
-    counts = heard.float() + PRIOR_NOTES / PITCH_CLASSES
+    counts = toward_key(heard) + PRIOR_NOTES / PITCH_CLASSES
     per_class = strength.float().unsqueeze(1) * torch.log(counts / counts.sum(dim=1, keepdim=True))
     rowmax = logits.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
     mass = torch.exp(logits - rowmax) @ classes  # (B, 12): probability mass of each pitch class
