@@ -18,7 +18,7 @@ LAYERS = [
                  "model.tokenizer.__main__")),
     ("runtime", ("model.runtime", "model.timebase")),
     ("core", ("model.midi", "model.tokenizer", "model.fm", "model.sampling", "model.generation",
-              "model.checkpoint")),
+              "model.checkpoint", "model.keys")),
     ("training", ("model.training",)),
     ("evaluation", ("model.evaluation",)),
     ("research", ("model.research",)),
