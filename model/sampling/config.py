@@ -70,8 +70,9 @@ class SamplingConfig:
                             Range(0, 1, high_open=True, note="0 = off"))
     seed: int = _setting(0, "Seed of the stream's counter-based random numbers:",
                          Range(0, SEED_LIMIT, high_open=True, integer=True))
-    key_pull: float = _setting(1.5, "How strongly notes lean toward the pitch classes of the prompt and of "
-                               "the notes played in (see model/generation/key_pull.py):",
+    key_pull: float = _setting(1.5, "How strongly notes lean toward the prompt and the notes played in: "
+                               "half toward their pitch classes, half toward their key "
+                               "(see model/generation/key_pull.py):",
                                Range(0, 10, note="0 = off"))
 
     def __post_init__(self) -> None:
