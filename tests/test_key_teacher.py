@@ -12,7 +12,7 @@ import torch
 
 from model.checkpoint.format import load_checkpoint, load_model
 from model.generation.generator import with_bos
-from model.generation.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix
+from model.generation.key_pull import note_pitch_classes, pitch_class_matrix
 from model.tokenizer.sequences import TokenSequence
 from model.training.corpus import load_corpus
 from model.training.key_teacher import (KeyTeacher, KeyTeacherSettings, continuation_spans, kl_to_targets,
@@ -88,7 +88,7 @@ def test_the_rollouts_continue_the_prompts_with_the_model_alone(served_checkpoin
         read = with_bos(prompt)  # a prompt cut at a file's start holds its BOS already
         assert isinstance(row, TokenSequence) and len(row) == len(read) + 24
         assert row.ids[:len(read)].tolist() == read.ids.tolist()
-    assert heard_counts(prompts[0].ids, teacher.pitch_classes).sum() > 0
+    assert teacher.generator.heard(prompts[0].ids).sum() > 0
 
 
 def test_learn_key_pull_trains_and_logs_the_key_loss(served_checkpoint, tmp_path):

@@ -1,4 +1,4 @@
-"""Key pull: lean a stream's notes toward the pitch classes it has heard from its player.
+"""Key pull: lean a stream's notes toward what it has heard from its player, and its key.
 
 Left alone, a model trained on Bach drifts: a prompt in B minor is continued in A or D major
 within a few bars. A musician who plays in a key wants the answer in that key. So each stream
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.keys import key_profiles
+from model.keys import key_profiles_of
 from model.tokenizer.tokenizer import Tokenizer
 from model.tokenizer.vocabulary import NOTE
 
@@ -74,10 +74,7 @@ def toward_key(heard: Tensor) -> Tensor:
     mixed with the Krumhansl-Kessler profile of their key, scaled to the same number of notes.
     Rows of zeros stay zero."""
     heard = heard.float()
-    profiles = torch.tensor(key_profiles(), dtype=torch.float32, device=heard.device)  # (24, 12)
-    centred, keys = heard - heard.mean(1, keepdim=True), profiles - profiles.mean(1, keepdim=True)
-    correlation = (centred @ keys.T) / (centred.norm(dim=1, keepdim=True) * keys.norm(dim=1)).clamp_min(1e-12)
-    key = profiles[correlation.argmax(dim=1)]
+    key = key_profiles_of(heard)
     scaled = key * (heard.sum(dim=1, keepdim=True) / key.sum(dim=1, keepdim=True))
     return (1 - KEY_SHARE) * heard + KEY_SHARE * scaled
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from model.evaluation.continuation import generate_batch
 from model.fm.machine import FieldMachine
 from model.generation.generator import BatchGenerator, with_bos
-from model.generation.key_pull import heard_counts, note_pitch_classes, pitch_class_matrix, pull_toward_heard
+from model.generation.key_pull import pull_toward_heard
 from model.sampling.config import SamplingConfig
 from model.tokenizer.sequences import TokenSequence
 from model.tokenizer.tokenizer import Tokenizer
@@ -66,7 +66,7 @@ def continuation_spans(prompt_lengths: list[int], total_lengths: list[int], widt
 def pulled_targets(teacher_logits: Tensor, heard: Tensor, strength: float, pitch_classes: Tensor) -> Tensor:
     """``(N, V)`` teacher logits at ``N`` positions, each row's stream ``heard`` ``(N, 12)`` -> the
     target distribution: the teacher's, pulled toward the heard pitch classes."""
-    pulled = pull_toward_heard(teacher_logits.float(), heard,
+    pulled = pull_toward_heard(teacher_logits, heard,
                                torch.full((len(heard),), float(strength), device=heard.device), pitch_classes)
     return torch.softmax(pulled, dim=-1)
 
@@ -99,8 +99,6 @@ class KeyTeacher:
         self.settings = settings
         self.rng = rng
         self.device = next(teacher.parameters()).device
-        self.pitch_classes = note_pitch_classes(tokenizer)
-        self.pitch_class_rows = pitch_class_matrix(self.pitch_classes).to(self.device)
         was_training = model.training
         self.generator = BatchGenerator(model, tokenizer)  # (puts the model in eval mode)
         model.train(was_training)
@@ -141,11 +139,12 @@ class KeyTeacher:
         batch = collate(examples, [(k, 0, len(e.ids)) for k, e in enumerate(examples)], self.device)
         where = continuation_spans([len(with_bos(p)) for p in prompts], [len(r) for r in rows],
                                    batch["dna"].shape[1]).to(self.device)
-        heard = torch.from_numpy(np.stack([heard_counts(p.ids, self.pitch_classes) for p in prompts])).to(self.device)
+        heard = torch.from_numpy(np.stack([self.generator.heard(p.ids) for p in prompts])).to(self.device)
         per_position = heard.unsqueeze(1).expand(-1, where.shape[1], -1)[where]
         with torch.no_grad(), autocast():
             teacher_logits = self.teacher(batch["dna"], batch["slots"]).logits[where]
-        targets = pulled_targets(teacher_logits, per_position, self.settings.strength, self.pitch_class_rows)
+        targets = pulled_targets(teacher_logits, per_position, self.settings.strength,
+                                 self.generator.pitch_class_rows)
         with autocast():
             logits = model(batch["dna"], batch["slots"]).logits[where]
         return kl_to_targets(targets, logits)

@@ -25,7 +25,6 @@ from tqdm import tqdm
 from model.checkpoint import format as ckpt
 from model.checkpoint.atomic import write_json
 from model.checkpoint.files import CheckpointError
-from model.checkpoint.format import load_model
 from model.evaluation.baselines import Baselines
 from model.fm.config import ModelConfig
 from model.fm.loss import mean_losses, sequence_loss, sequence_loss_sums
@@ -349,7 +348,7 @@ class Trainer:
                              "the prompt's key, the model learns")
         if self.ranks.distributed:
             raise ValueError("--learn_key_pull runs in one process; start it without torchrun")
-        teacher, tokenizer, _ = load_model(cfg.init_from, device=self.device)
+        teacher, tokenizer, _ = ckpt.load_model(cfg.init_from, device=self.device)
         if tokenizer.vocab != self.tokenizer.vocab:
             raise ValueError(f"--learn_key_pull: {cfg.init_from} has another vocabulary than this run")
         settings = KeyTeacherSettings(cfg.learn_key_pull, cfg.rollout_streams, cfg.rollout_prompt_tokens,
