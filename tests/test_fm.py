@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from torch import nn
 
 from model.fm.config import ModelConfig
 from model.fm.loss import sequence_loss
@@ -25,6 +28,7 @@ VARIANTS = {
     "2 layers+decays": dict(field_layers=2, decays="0,512,16,1"),
     "4 layers+decays": dict(field_layers=4, decays="0,512,64,8,2"),
     "8 layers": dict(field_layers=8),
+    "4 layers+learned decays": dict(field_layers=4, decays="0,512,64,8,2", learn_decays=True),
 }
 LAYER_COUNTS = {"one field": {}, **{k: v for k, v in VARIANTS.items() if "layer" in k}}
 
@@ -36,7 +40,11 @@ def make_model(variant: dict | str = "demod+direct", dim: int = 64, seed: int = 
     settings = {"field_layers": 0, "width": 24, **settings}
     config = ModelConfig(**token_shape(50), dim=dim, decoder_hidden=48, decoder_layers=3,
                          dropout=0.0, **settings)
-    return FieldMachine(config).eval().double().float()
+    model = FieldMachine(config)
+    if config.learn_decays:  # learned decays away from where they start, so the tests see them
+        for layer in model.layers:
+            nn.init.normal_(layer.decay_shift, std=0.7)
+    return model.eval().double().float()
 
 
 def random_tokens(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +110,7 @@ def test_streams_stepped_together_equal_streams_stepped_alone(variant):
 
 
 @pytest.mark.parametrize("variant", ["demod+direct", "demod+direct+decays", "1 layer", "2 layers+decays",
-                                     "4 layers+decays", "8 layers"])
+                                     "4 layers+decays", "8 layers", "4 layers+learned decays"])
 def test_state_size_does_not_grow(variant):
     """One field of 64 floats, or 64 floats split over the layers' fields: whatever the depth."""
     model = make_model(variant)
@@ -164,6 +172,45 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(**token_shape(50), dim=64, field_layers=3)
     with pytest.raises(ValueError, match="readout 'demod'"):
         ModelConfig(**token_shape(50), field_layers=2, readout="field")
+    with pytest.raises(ValueError, match="learn_decays needs field layers"):
+        ModelConfig(**token_shape(50), field_layers=0, decays="0,64", learn_decays=True)  # one field
+    with pytest.raises(ValueError, match="learn_decays needs field layers"):
+        ModelConfig(**token_shape(50), dim=64, field_layers=2, decays="0", learn_decays=True)
+
+
+def test_learned_decays_train_per_layer_and_stay_in_range():
+    """Each layer moves its own time constants; undecayed pairs stay undecayed; every constant stays
+    within [1, the longest configured one] however far training pushes it."""
+    model = make_model({"field_layers": 2, "decays": "0,64,4", "learn_decays": True}).train()
+    for layer in model.layers:
+        nn.init.zeros_(layer.decay_shift)
+    dna, slots = random_tokens(2, 80)
+    model(dna, slots).logits.square().mean().backward()
+    for layer in model.layers:
+        grad = layer.decay_shift.grad
+        assert torch.equal(grad[0::3], torch.zeros_like(grad[0::3]))  # the undecayed group (0)
+        assert grad[1::3].abs().sum() > 0 and grad[2::3].abs().sum() > 0
+    assert not torch.equal(model.layers[0].decay_shift.grad, model.layers[1].decay_shift.grad)
+    with torch.no_grad():
+        model.layers[0].decay_shift.copy_(torch.linspace(-20, 20, model.config.field_floats // 2))
+    tau, log_decay = model.code.decay_tables(torch.device("cpu"), model.layers[0].decay_shift)
+    decayed = tau.isfinite()
+    pairs = model.config.field_floats // 2
+    assert decayed.sum() == 2 * sum(k % 3 != 0 for k in range(pairs))  # groups 64 and 4, dealt pair by pair
+    assert tau[decayed].min() == 1.0 and tau[decayed].max() == 64.0
+    assert torch.equal(log_decay[~decayed], torch.zeros_like(log_decay[~decayed]))
+
+
+def test_learned_decays_start_as_the_configured_ones():
+    """A model given learned decays (e.g. ``model.train --init_from CKPT --learn_decays``) computes,
+    before training, exactly what the same weights computed without them."""
+    fixed = make_model("4 layers+decays")
+    learned = FieldMachine(replace(fixed.config, learn_decays=True)).eval()
+    missing, unexpected = learned.load_state_dict(fixed.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == [f"layers.{i}.decay_shift" for i in range(4)]
+    dna, slots = random_tokens(2, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(learned(dna, slots).logits, fixed(dna, slots).logits)
 
 
 def test_decayed_field_forgets_at_its_rate():

@@ -92,6 +92,26 @@ def test_trainable_fits_the_note_head_and_leaves_every_other_weight_as_it_was(tm
     assert wrong.returncode == 2 and "note_hed" in wrong.stderr and "note_head" in wrong.stderr
 
 
+def test_init_from_with_learn_decays_learns_each_layers_decays(tmp_path):
+    """--init_from a trained model, --learn_decays: each layer's decay offsets are added (at zero,
+    the model as it was) and trained; learning decays a model has none of is exit 2."""
+    corpus = tiny_corpus(tmp_path / "midi", files=6)
+    common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16",
+              "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c"), "--epochs", "1"]
+    plain = run_module("model.train", *common, "--out_dir", str(tmp_path / "plain"), "--decays", "0,8")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    learned = run_module("model.train", *common, "--out_dir", str(tmp_path / "learned"), "--learn_decays",
+                         "--init_from", str(tmp_path / "plain" / "latest"), "--trainable", "layers", "--lr", "1e-2")
+    assert learned.returncode == 0, learned.stderr[-2000:]
+    assert "new: " + ", ".join(f"layers.{i}.decay_shift" for i in range(4)) in learned.stderr
+    after = load_checkpoint(tmp_path / "learned" / "latest")
+    assert after.model_config["learn_decays"] and after.model_config["decays"] == "0,8"
+    shifts = torch.stack([after.state_dict[f"layers.{i}.decay_shift"] for i in range(4)])
+    assert torch.equal(shifts[:, 0], torch.zeros(4)) and shifts[:, 1].abs().min() > 0  # pair 0: no decay
+    none = run_module("model.train", *common, "--out_dir", str(tmp_path / "none"), "--learn_decays")
+    assert none.returncode == 2 and "learn_decays needs field layers and --decays" in none.stderr
+
+
 def test_transpose_fits_the_vocabulary_on_every_shift(tmp_path):
     corpus = tiny_corpus(tmp_path / "midi", files=6)
     common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16", "--max_seq_len", "64",

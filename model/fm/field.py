@@ -33,6 +33,7 @@ class FieldCode:
         pair_tau = torch.tensor([taus[k % len(taus)] for k in range(floats // 2)], dtype=torch.float64)
         tau = torch.where(pair_tau > 0, pair_tau, torch.inf).repeat_interleave(2)
         self.decayed = bool((pair_tau > 0).any())
+        self.longest = float(pair_tau.max()) if self.decayed else math.inf
         # Per channel: time constant (inf = no decay) and log of the decay factor (0 = none).
         self._decay_tables: dict[torch.device, tuple[Tensor, Tensor]] = {
             torch.device("cpu"): (tau.float(), torch.where(tau.isinf(), 0.0, -1 / tau).float())}
@@ -58,30 +59,44 @@ class FieldCode:
         sin, cos = sin_cos if sin_cos is not None else self.sin_cos(positions)
         return torch.stack((sin, cos), dim=-1).flatten(-2)
 
-    def decay_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Per channel (F,) float32: time constant (inf = no decay) and log of the decay factor."""
+    def decay_tables(self, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per channel (F,) float32: time constant (inf = no decay) and log of the decay factor.
+
+        ``shift`` (F/2,): a layer's learned offsets of the log time constant per channel pair
+        (``ModelConfig.learn_decays``); each decayed pair's constant becomes ``tau * exp(shift)``,
+        kept within [1, the longest of the starting constants]; undecayed pairs stay undecayed."""
         tables = self._decay_tables.get(device)
         if tables is None:
             cpu = self._decay_tables[torch.device("cpu")]
             tables = self._decay_tables[device] = (cpu[0].to(device), cpu[1].to(device))
-        return tables
+        if shift is None:
+            return tables
+        fixed = tables[0]
+        decayed = fixed.isfinite()
+        # A finite stand-in where there is no decay: inf * exp(shift) would send NaN gradients back.
+        base = torch.where(decayed, fixed, torch.ones_like(fixed))
+        moved = (base * shift.float().repeat_interleave(2).exp()).clamp(1.0, self.longest)
+        tau = torch.where(decayed, moved, fixed)
+        return tau, torch.where(decayed, -1 / moved, torch.zeros_like(moved))
 
     # ----------------------------------------------------------------- the sum
-    def accumulate(self, coded: Tensor, start: Tensor | None) -> Tensor:
-        """The field after every position of ``coded`` (B, T, F) float32, from ``start`` (B, F)."""
+    def accumulate(self, coded: Tensor, start: Tensor | None, shift: Tensor | None = None) -> Tensor:
+        """The field after every position of ``coded`` (B, T, F) float32, from ``start`` (B, F);
+        ``shift``: the layer's learned decays (:meth:`decay_tables`)."""
         if self.decayed:
-            return self.decayed_cumsum(coded, start)
+            return self.decayed_cumsum(coded, start, self.decay_tables(coded.device, shift)[1])
         field = torch.cumsum(coded, dim=1)
         return field if start is None else field + start.unsqueeze(1)
 
-    def advance(self, coded: Tensor, field: Tensor) -> Tensor:
+    def advance(self, coded: Tensor, field: Tensor, shift: Tensor | None = None) -> Tensor:
         """One position: the field (B, F) after adding ``coded`` (B, F). O(1)."""
         if self.decayed:
-            return coded + field * self.decay_tables(coded.device)[1].exp()
+            return coded + field * self.decay_tables(coded.device, shift)[1].exp()
         return coded + field
 
-    def decayed_cumsum(self, x: Tensor, start: Tensor | None) -> Tensor:
-        """``y_t = lam * y_{t-1} + x_t`` per channel over (B, T, F) float32, from ``start`` (B, F).
+    def decayed_cumsum(self, x: Tensor, start: Tensor | None, log_decay: Tensor) -> Tensor:
+        """``y_t = lam * y_{t-1} + x_t`` per channel over (B, T, F) float32, from ``start`` (B, F);
+        ``log_decay`` (F,): ``log(lam)`` per channel (:meth:`decay_tables`).
 
         Inside a chunk of C positions ``y_j = lam**j * cumsum_i(lam**-i * x_i) + lam**(j+1) * carry``;
         the carry (the previous chunk's last ``y``) is the only sequential part: T / C small steps.
@@ -93,7 +108,6 @@ class FieldCode:
             x = F.pad(x, (0, 0, 0, pad))
         x = x.view(batch, -1, chunk, width)
         steps = torch.arange(chunk, dtype=torch.float32, device=x.device).unsqueeze(-1)
-        log_decay = self.decay_tables(x.device)[1]
         local = torch.cumsum(x * torch.exp(-steps * log_decay), dim=2) * torch.exp(steps * log_decay)
         carry_gain = torch.exp((steps + 1) * log_decay)  # (C, F)
         carry = start if start is not None else x.new_zeros(batch, width)
@@ -105,7 +119,8 @@ class FieldCode:
         return field.view(batch, -1, width)[:, :length]
 
     # ----------------------------------------------------------------- the readout
-    def demodulate(self, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor]) -> Tensor:
+    def demodulate(self, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
+                   shift: Tensor | None = None) -> Tensor:
         """Each (sin, cos) pair of ``field`` (…, F) rotated back by the current position's angle
         (history relative to *now*) and scaled by 1/sqrt of the positions it holds (``t + 1``, at
         most ``tau`` in a decayed group)."""
@@ -117,5 +132,5 @@ class FieldCode:
         field = torch.stack((imag, real), dim=-1).flatten(-2)
         count = positions.to(field.dtype).unsqueeze(-1) + 1
         if self.decayed:
-            count = torch.minimum(count, self.decay_tables(field.device)[0].to(field.dtype))
+            count = torch.minimum(count, self.decay_tables(field.device, shift)[0].to(field.dtype))
         return field * torch.rsqrt(count)

@@ -3,7 +3,8 @@
 ::
 
     u_t     = Linear(width, F)(norm(x_t)) * pos(t)       (what the layer writes)
-    field_t = lam * field_{t-1} + u_t                    (its own field, F floats per stream)
+    field_t = lam * field_{t-1} + u_t                    (its own field, F floats per stream;
+                                                          lam learned per layer with learn_decays)
     x_t    += Linear(F, width)(demod(field_t))           (what it reads back)
     x_t    += MLP(norm(x_t))
 
@@ -24,8 +25,13 @@ from model.fm.field import FieldCode
 
 
 class FieldLayer(nn.Module):
-    def __init__(self, width: int, floats: int, hidden: int, dropout: float, depth: int) -> None:
+    def __init__(self, width: int, floats: int, hidden: int, dropout: float, depth: int,
+                 learn_decays: bool = False) -> None:
         super().__init__()
+        # ``ModelConfig.learn_decays``: this layer's offsets of the log decay time constants, one per
+        # channel pair (FieldCode.decay_tables). Zero is the configured decays, so weight decay
+        # pulls toward them and a checkpoint trained without them starts as it was.
+        self.decay_shift = nn.Parameter(torch.zeros(floats // 2)) if learn_decays else None
         self.write_norm = nn.RMSNorm(width)
         self.write = nn.Linear(width, floats)
         self.read = nn.Linear(floats, width)
@@ -44,7 +50,7 @@ class FieldLayer(nn.Module):
     def update(self, x: Tensor, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
                code: FieldCode) -> Tensor:
         """The residual stream after reading ``field`` (the layer's field at each position)."""
-        read = code.demodulate(field, positions, sin_cos).to(self.read.weight.dtype)
+        read = code.demodulate(field, positions, sin_cos, self.decay_shift).to(self.read.weight.dtype)
         x = x + self.drop(self.read(read))
         return x + self.drop(self.mlp(self.mlp_norm(x.to(self.mlp_norm.weight.dtype))))
 
@@ -52,12 +58,12 @@ class FieldLayer(nn.Module):
                 start: Tensor | None, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Parallel pass over (B, T, width); returns the new stream and the field after the last
         position (B, F): position ``last`` (B,) of each row where given (right-padded rows)."""
-        field = code.accumulate(self.coded(x, code.position_code(positions, sin_cos)), start)
+        field = code.accumulate(self.coded(x, code.position_code(positions, sin_cos)), start, self.decay_shift)
         end = field[:, -1] if last is None else field[torch.arange(field.shape[0], device=field.device), last]
         return self.update(x, field, positions, sin_cos, code), end
 
     def step(self, x: Tensor, position: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,
              field: Tensor) -> tuple[Tensor, Tensor]:
         """One token per stream: (B, width) at positions (B,), field (B, F) -> new stream, field."""
-        field = code.advance(self.coded(x, code.position_code(position, sin_cos)), field)
+        field = code.advance(self.coded(x, code.position_code(position, sin_cos)), field, self.decay_shift)
         return self.update(x, field, position, sin_cos, code), field

@@ -66,9 +66,12 @@ FM_VARIANTS: dict[str, dict] = {
 }
 # Deep FMs: ``fm_deep<layers>_<floats of state>``, e.g. ``fm_deep4_1024``: field layers with the
 # shipped model's choices (demod, decays, factored head, DNA lookup), their width the largest
-# multiple of 32 that keeps the parameters at most ``--deep_parameters``.
+# multiple of 32 that keeps the parameters at most ``--deep_parameters``. A ``_learned`` suffix
+# (``fm_deep4_1024_learned``): each layer learns its own decays (``ModelConfig.learn_decays``).
 DEEP_PREFIX = "fm_deep"
-DEEP_CHOICES = dict(readout="demod", decays="0,512,64,8,2", head="factored", dna_lookup=True)
+LEARNED_SUFFIX = "_learned"
+DEEP_CHOICES = dict(readout="demod", head="factored", dna_lookup=True)
+DEEP_DECAYS = "0,512,64,8,2"
 DEFAULT_VARIANTS = ("transformer_factored,fm_demod_direct_decays_factored_lookup,fm_deep2_2048,"
                     "fm_deep4_1024,fm_deep4_4096,fm_deep8_2048")
 TIMED_POSITIONS = (100, 10_000)
@@ -81,26 +84,29 @@ def build(name: str, args: argparse.Namespace, tokenizer: Tokenizer) -> torch.nn
                                                    heads=args.tf_heads, dropout=args.dropout,
                                                    head="factored" if name.endswith("factored") else "tied"))
     if name.startswith(DEEP_PREFIX):
-        return deep_fm(name, common, args.deep_parameters, args.dropout)
+        return deep_fm(name, common, args.deep_parameters, args.dropout, args.deep_decays)
     if name not in FM_VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from transformer, transformer_factored, "
-                         f"{DEEP_PREFIX}<layers>_<floats>, {', '.join(FM_VARIANTS)}")
+                         f"{DEEP_PREFIX}<layers>_<floats>[{LEARNED_SUFFIX}], {', '.join(FM_VARIANTS)}")
     return FieldMachine(ModelConfig(**common, dim=args.fm_dim, field_layers=0, decoder_hidden=args.fm_hidden,
                                     decoder_layers=args.fm_layers, dropout=args.dropout,
                                     **FM_VARIANTS[name]))
 
 
-def deep_fm(name: str, shape: dict, parameters: int, dropout: float) -> FieldMachine:
-    """The ``fm_deep<layers>_<floats>`` variant at the largest width (MLPs 4x wide) within
+def deep_fm(name: str, shape: dict, parameters: int, dropout: float, decays: str = DEEP_DECAYS) -> FieldMachine:
+    """The ``fm_deep<layers>_<floats>[_learned]`` variant at the largest width (MLPs 4x wide) within
     ``parameters``."""
+    learned = name.endswith(LEARNED_SUFFIX)
     try:
-        layers, floats = (int(v) for v in name.removeprefix(DEEP_PREFIX).split("_"))
+        layers, floats = (int(v) for v in name.removeprefix(DEEP_PREFIX).removesuffix(LEARNED_SUFFIX).split("_"))
     except ValueError:
-        raise ValueError(f"deep variants are named {DEEP_PREFIX}<layers>_<floats>, not {name!r}") from None
+        raise ValueError(f"deep variants are named {DEEP_PREFIX}<layers>_<floats>[{LEARNED_SUFFIX}], "
+                         f"not {name!r}") from None
     config = None
     for width in range(32, 4097, 32):
         candidate = ModelConfig(**shape, dim=floats, field_layers=layers, width=width,
-                                decoder_hidden=4 * width, dropout=dropout, **DEEP_CHOICES)
+                                decoder_hidden=4 * width, dropout=dropout, decays=decays,
+                                learn_decays=learned, **DEEP_CHOICES)
         if FieldMachine(candidate).parameter_count() > parameters:
             break
         config = candidate
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fm_dim", type=int, default=512, help="FM field width")
     parser.add_argument("--fm_hidden", type=int, default=112, help="FM decoder width")
     parser.add_argument("--fm_layers", type=int, default=3, help="FM decoder hidden layers")
+    parser.add_argument("--deep_decays", default=DEEP_DECAYS,
+                        help="decay time constants of the deep variants (ModelConfig.decays)")
     parser.add_argument("--deep_parameters", type=int, default=2_450_000,
                         help=f"parameter budget of the {DEEP_PREFIX}<layers>_<floats> variants")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
