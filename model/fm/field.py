@@ -80,18 +80,18 @@ class FieldCode:
         return tau, torch.where(decayed, -1 / moved, torch.zeros_like(moved))
 
     # ----------------------------------------------------------------- the sum
-    def accumulate(self, coded: Tensor, start: Tensor | None, shift: Tensor | None = None) -> Tensor:
+    def accumulate(self, coded: Tensor, start: Tensor | None, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The field after every position of ``coded`` (B, T, F) float32, from ``start`` (B, F);
-        ``shift``: the layer's learned decays (:meth:`decay_tables`)."""
+        ``tables``: a layer's :meth:`decay_tables` (default: the configured decays)."""
         if self.decayed:
-            return self.decayed_cumsum(coded, start, self.decay_tables(coded.device, shift)[1])
+            return self.decayed_cumsum(coded, start, (tables or self.decay_tables(coded.device))[1])
         field = torch.cumsum(coded, dim=1)
         return field if start is None else field + start.unsqueeze(1)
 
-    def advance(self, coded: Tensor, field: Tensor, shift: Tensor | None = None) -> Tensor:
+    def advance(self, coded: Tensor, field: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """One position: the field (B, F) after adding ``coded`` (B, F). O(1)."""
         if self.decayed:
-            return coded + field * self.decay_tables(coded.device, shift)[1].exp()
+            return coded + field * (tables or self.decay_tables(coded.device))[1].exp()
         return coded + field
 
     def decayed_cumsum(self, x: Tensor, start: Tensor | None, log_decay: Tensor) -> Tensor:
@@ -120,7 +120,7 @@ class FieldCode:
 
     # ----------------------------------------------------------------- the readout
     def demodulate(self, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
-                   shift: Tensor | None = None) -> Tensor:
+                   tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Each (sin, cos) pair of ``field`` (…, F) rotated back by the current position's angle
         (history relative to *now*) and scaled by 1/sqrt of the positions it holds (``t + 1``, at
         most ``tau`` in a decayed group)."""
@@ -132,5 +132,5 @@ class FieldCode:
         field = torch.stack((imag, real), dim=-1).flatten(-2)
         count = positions.to(field.dtype).unsqueeze(-1) + 1
         if self.decayed:
-            count = torch.minimum(count, self.decay_tables(field.device, shift)[0].to(field.dtype))
+            count = torch.minimum(count, (tables or self.decay_tables(field.device))[0].to(field.dtype))
         return field * torch.rsqrt(count)

@@ -47,10 +47,14 @@ class FieldLayer(nn.Module):
         """What the layer adds to its field: (…, F) float32."""
         return self.write(self.write_norm(x.to(self.write_norm.weight.dtype))).float() * position_code
 
+    def decay_tables(self, code: FieldCode, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This layer's decays (:meth:`FieldCode.decay_tables`), built once per pass or step."""
+        return code.decay_tables(device, self.decay_shift)
+
     def update(self, x: Tensor, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
-               code: FieldCode) -> Tensor:
+               code: FieldCode, tables: tuple[Tensor, Tensor]) -> Tensor:
         """The residual stream after reading ``field`` (the layer's field at each position)."""
-        read = code.demodulate(field, positions, sin_cos, self.decay_shift).to(self.read.weight.dtype)
+        read = code.demodulate(field, positions, sin_cos, tables).to(self.read.weight.dtype)
         x = x + self.drop(self.read(read))
         return x + self.drop(self.mlp(self.mlp_norm(x.to(self.mlp_norm.weight.dtype))))
 
@@ -58,12 +62,14 @@ class FieldLayer(nn.Module):
                 start: Tensor | None, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Parallel pass over (B, T, width); returns the new stream and the field after the last
         position (B, F): position ``last`` (B,) of each row where given (right-padded rows)."""
-        field = code.accumulate(self.coded(x, code.position_code(positions, sin_cos)), start, self.decay_shift)
+        tables = self.decay_tables(code, x.device)
+        field = code.accumulate(self.coded(x, code.position_code(positions, sin_cos)), start, tables)
         end = field[:, -1] if last is None else field[torch.arange(field.shape[0], device=field.device), last]
-        return self.update(x, field, positions, sin_cos, code), end
+        return self.update(x, field, positions, sin_cos, code, tables), end
 
     def step(self, x: Tensor, position: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,
              field: Tensor) -> tuple[Tensor, Tensor]:
         """One token per stream: (B, width) at positions (B,), field (B, F) -> new stream, field."""
-        field = code.advance(self.coded(x, code.position_code(position, sin_cos)), field, self.decay_shift)
-        return self.update(x, field, position, sin_cos, code), field
+        tables = self.decay_tables(code, x.device)
+        field = code.advance(self.coded(x, code.position_code(position, sin_cos)), field, tables)
+        return self.update(x, field, position, sin_cos, code, tables), field
