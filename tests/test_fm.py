@@ -29,6 +29,7 @@ VARIANTS = {
     "4 layers+decays": dict(field_layers=4, decays="0,512,64,8,2"),
     "8 layers": dict(field_layers=8),
     "4 layers+learned decays": dict(field_layers=4, decays="0,512,64,8,2", learn_decays=True),
+    "2 layers+gated": dict(field_layers=2, decays="0,512,16,1", gated=True),
 }
 LAYER_COUNTS = {"one field": {}, **{k: v for k, v in VARIANTS.items() if "layer" in k}}
 
@@ -176,6 +177,8 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(**token_shape(50), field_layers=0, decays="0,64", learn_decays=True)  # one field
     with pytest.raises(ValueError, match="learn_decays needs field layers"):
         ModelConfig(**token_shape(50), dim=64, field_layers=2, decays="0", learn_decays=True)
+    with pytest.raises(ValueError, match="gated needs field layers"):
+        ModelConfig(**token_shape(50), field_layers=0, gated=True)
 
 
 def test_learned_decays_train_per_layer_and_stay_in_range():

@@ -44,6 +44,7 @@ class ModelConfig:
     direct: bool = field(default=True, metadata={"help": "Concatenate the current token's projection to the decoder input."})
     decays: str = field(default="", metadata={"help": "Comma-separated decay time constants in tokens for groups of field channels, dealt pair by pair (0 = no decay; empty = one undecayed field, the seed's)."})
     learn_decays: bool = field(default=False, metadata={"help": "Field layers only: each layer learns its own decay time constants, one per channel pair, starting from --decays and kept between 1 token and the longest of them (undecayed groups, 0, stay undecayed)."})
+    gated: bool = field(default=False, metadata={"help": "Field layers only: what each layer reads back is gated by its input (read * SiLU(Linear(norm(x))), as gated linear recurrences do); no state beyond the fields."})
     head: str = field(default="free", metadata={"help": "Next-token head: 'free' (one learned row per token) or 'factored' (rows summed from the token's pitch, duration and position parts).", "choices": HEADS})
     dna_lookup: bool = field(default=False, metadata={"help": "Add learned rows for the DNA's discrete values (pitch, pitch class, octave, duration, beat position, velocity) to its projection."})
     field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
@@ -72,6 +73,8 @@ class ModelConfig:
         if self.learn_decays and (not self.field_layers or not any(parse_decays(self.decays))):
             raise ValueError("learn_decays needs field layers and --decays with a decayed group (a time "
                              "constant >= 1) to start from")
+        if self.gated and not self.field_layers:
+            raise ValueError("gated needs field layers (--field_layers > 0)")
         if len(parse_decays(self.decays)) > self.field_floats // 2:
             raise ValueError("decays: more groups than channel pairs")
 

@@ -5,7 +5,8 @@
     u_t     = Linear(width, F)(norm(x_t)) * pos(t)       (what the layer writes)
     field_t = lam * field_{t-1} + u_t                    (its own field, F floats per stream;
                                                           lam learned per layer with learn_decays)
-    x_t    += Linear(F, width)(demod(field_t))           (what it reads back)
+    x_t    += Linear(F, width)(demod(field_t))           (what it reads back; with ``gated``,
+              * SiLU(Linear(width, width)(norm(x_t)))     times a gate from the layer's input)
     x_t    += MLP(norm(x_t))
 
 Each layer keeps its own field; a later layer's field sums what the earlier layers *read*, so the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.fm.field import FieldCode
@@ -26,7 +28,7 @@ from model.fm.field import FieldCode
 
 class FieldLayer(nn.Module):
     def __init__(self, width: int, floats: int, hidden: int, dropout: float, depth: int,
-                 learn_decays: bool = False) -> None:
+                 learn_decays: bool = False, gated: bool = False) -> None:
         super().__init__()
         # ``ModelConfig.learn_decays``: this layer's offsets of the log decay time constants, one per
         # channel pair (FieldCode.decay_tables). Zero is the configured decays, so weight decay
@@ -35,6 +37,9 @@ class FieldLayer(nn.Module):
         self.write_norm = nn.RMSNorm(width)
         self.write = nn.Linear(width, floats)
         self.read = nn.Linear(floats, width)
+        # ``ModelConfig.gated``: the token's own view decides how much of what the field holds
+        # passes, channel by channel (the output gate of gated linear recurrences).
+        self.gate = nn.Linear(width, width) if gated else None
         self.mlp_norm = nn.RMSNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
@@ -54,8 +59,10 @@ class FieldLayer(nn.Module):
     def update(self, x: Tensor, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
                code: FieldCode, tables: tuple[Tensor, Tensor]) -> Tensor:
         """The residual stream after reading ``field`` (the layer's field at each position)."""
-        read = code.demodulate(field, positions, sin_cos, tables).to(self.read.weight.dtype)
-        x = x + self.drop(self.read(read))
+        read = self.read(code.demodulate(field, positions, sin_cos, tables).to(self.read.weight.dtype))
+        if self.gate is not None:
+            read = read * F.silu(self.gate(self.write_norm(x.to(self.write_norm.weight.dtype))))
+        x = x + self.drop(read)
         return x + self.drop(self.mlp(self.mlp_norm(x.to(self.mlp_norm.weight.dtype))))
 
     def forward(self, x: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,

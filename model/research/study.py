@@ -66,10 +66,12 @@ FM_VARIANTS: dict[str, dict] = {
 }
 # Deep FMs: ``fm_deep<layers>_<floats of state>``, e.g. ``fm_deep4_1024``: field layers with the
 # shipped model's choices (demod, decays, factored head, DNA lookup), their width the largest
-# multiple of 32 that keeps the parameters at most ``--deep_parameters``. A ``_learned`` suffix
-# (``fm_deep4_1024_learned``): each layer learns its own decays (``ModelConfig.learn_decays``).
+# multiple of 32 that keeps the parameters at most ``--deep_parameters``. Suffixes, in any order:
+# ``_learned`` (each layer learns its own decays, ``ModelConfig.learn_decays``) and ``_gated``
+# (each layer's read gated by its input, ``ModelConfig.gated``): ``fm_deep4_512_gated``.
 DEEP_PREFIX = "fm_deep"
-LEARNED_SUFFIX = "_learned"
+DEEP_SUFFIXES = {"learned": "learn_decays", "gated": "gated"}
+DEEP_NAMING = f"{DEEP_PREFIX}<layers>_<floats>[_learned][_gated]"
 DEEP_CHOICES = dict(readout="demod", head="factored", dna_lookup=True)
 DEEP_DECAYS = "0,512,64,8,2"
 DEFAULT_VARIANTS = ("transformer_factored,fm_demod_direct_decays_factored_lookup,fm_deep2_2048,"
@@ -87,26 +89,26 @@ def build(name: str, args: argparse.Namespace, tokenizer: Tokenizer) -> torch.nn
         return deep_fm(name, common, args.deep_parameters, args.dropout, args.deep_decays)
     if name not in FM_VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from transformer, transformer_factored, "
-                         f"{DEEP_PREFIX}<layers>_<floats>[{LEARNED_SUFFIX}], {', '.join(FM_VARIANTS)}")
+                         f"{DEEP_NAMING}, {', '.join(FM_VARIANTS)}")
     return FieldMachine(ModelConfig(**common, dim=args.fm_dim, field_layers=0, decoder_hidden=args.fm_hidden,
                                     decoder_layers=args.fm_layers, dropout=args.dropout,
                                     **FM_VARIANTS[name]))
 
 
 def deep_fm(name: str, shape: dict, parameters: int, dropout: float, decays: str = DEEP_DECAYS) -> FieldMachine:
-    """The ``fm_deep<layers>_<floats>[_learned]`` variant at the largest width (MLPs 4x wide) within
-    ``parameters``."""
-    learned = name.endswith(LEARNED_SUFFIX)
+    """The ``fm_deep<layers>_<floats>[_learned][_gated]`` variant at the largest width (MLPs 4x
+    wide) within ``parameters``."""
+    parts = name.removeprefix(DEEP_PREFIX).split("_")
     try:
-        layers, floats = (int(v) for v in name.removeprefix(DEEP_PREFIX).removesuffix(LEARNED_SUFFIX).split("_"))
-    except ValueError:
-        raise ValueError(f"deep variants are named {DEEP_PREFIX}<layers>_<floats>[{LEARNED_SUFFIX}], "
-                         f"not {name!r}") from None
+        layers, floats = int(parts[0]), int(parts[1])
+        options = {DEEP_SUFFIXES[suffix]: True for suffix in parts[2:]}
+    except (ValueError, IndexError, KeyError):
+        raise ValueError(f"deep variants are named {DEEP_NAMING}, not {name!r}") from None
     config = None
     for width in range(32, 4097, 32):
         candidate = ModelConfig(**shape, dim=floats, field_layers=layers, width=width,
                                 decoder_hidden=4 * width, dropout=dropout, decays=decays,
-                                learn_decays=learned, **DEEP_CHOICES)
+                                **options, **DEEP_CHOICES)
         if FieldMachine(candidate).parameter_count() > parameters:
             break
         config = candidate
