@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ngeneration (one batched step, all streams)")
     print(f"{'streams':>10}{'ms/step':>12}{'tokens/s':>14}")
     for b in [int(x) for x in args.streams.split(",")]:
-        state = FieldState(torch.zeros(b, config.dim, device=device),
+        state = FieldState(torch.zeros(b, config.state_floats, device=device),
                            torch.full((b,), 100, dtype=torch.int64, device=device))
         d, s = random_inputs(b, 1, config, device)
         sec = timed(lambda: served.step(state, d[:, 0], s[:, 0]), repeat=args.repeat, device=device)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\none step at position (1 stream; flat = O(1))")
     d, s = random_inputs(1, 1, config, device)
     for p in [int(x) for x in args.positions.split(",")]:
-        state = FieldState(torch.zeros(1, config.dim, device=device),
+        state = FieldState(torch.zeros(1, config.state_floats, device=device),
                            torch.full((1,), p, dtype=torch.int64, device=device))
         sec = timed(lambda: served.step(state, d[:, 0], s[:, 0]), repeat=args.repeat * 4, device=device)
         print(f"{p:>10}{sec * 1000:>12.3f} ms")

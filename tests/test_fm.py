@@ -30,6 +30,7 @@ VARIANTS = {
     "8 layers": dict(field_layers=8),
     "4 layers+learned decays": dict(field_layers=4, decays="0,512,64,8,2", learn_decays=True),
     "2 layers+gated": dict(field_layers=2, decays="0,512,16,1", gated=True),
+    "4 layers+conv 4": dict(field_layers=4, decays="0,512,64,8,2", conv=4, gated=True),
 }
 LAYER_COUNTS = {"one field": {}, **{k: v for k, v in VARIANTS.items() if "layer" in k}}
 
@@ -45,6 +46,9 @@ def make_model(variant: dict | str = "demod+direct", dim: int = 64, seed: int = 
     if config.learn_decays:  # learned decays away from where they start, so the tests see them
         for layer in model.layers:
             nn.init.normal_(layer.decay_shift, std=0.7)
+    if config.conv > 1:  # the convolution away from zero, where it starts
+        for layer in model.layers:
+            nn.init.normal_(layer.conv, std=0.5)
     return model.eval().double().float()
 
 
@@ -58,7 +62,7 @@ def random_tokens(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor,
 def step_through(model: FieldMachine, dna: torch.Tensor, slots: torch.Tensor,
                  state: FieldState | None = None) -> torch.Tensor:
     batch, length = slots.shape
-    state = state or FieldState.empty(batch, model.config.dim)
+    state = state or FieldState.empty(batch, model.config.state_floats)
     logits = []
     for t in range(length):
         out, state = model.step(state, dna[:, t], slots[:, t])
@@ -98,7 +102,7 @@ def test_streams_stepped_together_equal_streams_stepped_alone(variant):
     # Streams at different positions: stream i has already taken 10 * i tokens.
     states = []
     for i in range(4):
-        s = FieldState.empty(1, model.config.dim)
+        s = FieldState.empty(1, model.config.state_floats)
         for t in range(10 * i):
             _, s = model.step(s, dna[i:i + 1, t], slots[i:i + 1, t])
         states.append(s)
@@ -111,18 +115,22 @@ def test_streams_stepped_together_equal_streams_stepped_alone(variant):
 
 
 @pytest.mark.parametrize("variant", ["demod+direct", "demod+direct+decays", "1 layer", "2 layers+decays",
-                                     "4 layers+decays", "8 layers", "4 layers+learned decays"])
+                                     "4 layers+decays", "8 layers", "4 layers+learned decays",
+                                     "4 layers+conv 4"])
 def test_state_size_does_not_grow(variant):
-    """One field of 64 floats, or 64 floats split over the layers' fields: whatever the depth."""
+    """One field of 64 floats, or 64 floats split over the layers' fields, whatever the depth; with
+    a convolution of 4 taps each layer keeps its last 3 writes beside its field (4 x 64 floats)."""
     model = make_model(variant)
     dna, slots = random_tokens(3, 1)
-    state = FieldState.empty(3, model.config.dim)
+    state = FieldState.empty(3, model.config.state_floats)
     sizes = {}
     for t in range(10_000):
         _, state = model.step(state, dna[:, 0], slots[:, 0])
         if t + 1 in (10, 10_000):
             sizes[t + 1] = state.nbytes()
-    assert sizes[10] == sizes[10_000] == 3 * (64 * 4 + 8)
+    floats = 64 * max(1, model.config.conv)
+    assert model.config.state_floats == floats
+    assert sizes[10] == sizes[10_000] == 3 * (floats * 4 + 8)
 
 
 @pytest.mark.parametrize("variant", LAYER_COUNTS)
@@ -177,6 +185,10 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(**token_shape(50), field_layers=0, decays="0,64", learn_decays=True)  # one field
     with pytest.raises(ValueError, match="learn_decays needs field layers"):
         ModelConfig(**token_shape(50), dim=64, field_layers=2, decays="0", learn_decays=True)
+    with pytest.raises(ValueError, match="conv needs field layers"):
+        ModelConfig(**token_shape(50), field_layers=0, conv=4)
+    with pytest.raises(ValueError, match="conv needs field layers and must be >= 0"):
+        ModelConfig(**token_shape(50), field_layers=2, conv=-1)
     with pytest.raises(ValueError, match="gated needs field layers"):
         ModelConfig(**token_shape(50), field_layers=0, gated=True)
 
@@ -216,11 +228,32 @@ def test_learned_decays_start_as_the_configured_ones():
         torch.testing.assert_close(learned(dna, slots).logits, fixed(dna, slots).logits)
 
 
+def test_a_convolution_starts_as_the_layer_without_it_and_reaches_only_its_taps():
+    """A model given a convolution (``model.train --init_from CKPT --conv 4``) computes, before
+    training, what the same weights computed without it; once trained, a token reaches the next
+    layer's writes only through its field or, exactly, through the k-1 taps after it."""
+    plain = make_model("4 layers+decays")
+    conv = FieldMachine(replace(plain.config, conv=4)).eval()
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == [f"layers.{i}.conv" for i in range(4)]
+    dna, slots = random_tokens(2, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(dna, slots).logits, plain(dna, slots).logits)
+    layer = conv.layers[0]
+    nn.init.normal_(layer.conv, std=0.5)
+    writes = torch.randn(1, 10, layer.floats)
+    mixed, last = layer.convolve(writes, None)
+    torch.testing.assert_close(mixed[:, 0], writes[:, 0])  # nothing before the first token
+    expected = writes[:, 5] + sum(layer.conv[j - 1] * writes[:, 5 - j] for j in (1, 2, 3))
+    torch.testing.assert_close(mixed[:, 5], expected)
+    torch.testing.assert_close(last, writes[:, -3:])  # what the next chunk or step reads
+
+
 def test_decayed_field_forgets_at_its_rate():
     """One token, then silence (zero DNA): a channel with tau = 4 keeps exp(-t/4) of it."""
     model = make_model({"readout": "field", "direct": True, "decays": "4"})
     dna, slots = random_tokens(1, 1)
-    state = FieldState.empty(1, model.config.dim)
+    state = FieldState.empty(1, model.config.state_floats)
     _, state = model.step(state, dna[:, 0], slots[:, 0])
     first = state.field.clone()
     quiet = model.embed(torch.zeros(1, DNA_FLOATS), slots[:, 0])

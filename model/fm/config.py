@@ -45,6 +45,7 @@ class ModelConfig:
     decays: str = field(default="", metadata={"help": "Comma-separated decay time constants in tokens for groups of field channels, dealt pair by pair (0 = no decay; empty = one undecayed field, the seed's)."})
     learn_decays: bool = field(default=False, metadata={"help": "Field layers only: each layer learns its own decay time constants, one per channel pair, starting from --decays and kept between 1 token and the longest of them (undecayed groups, 0, stay undecayed)."})
     gated: bool = field(default=False, metadata={"help": "Field layers only: what each layer reads back is gated by its input (read * SiLU(Linear(norm(x))), as gated linear recurrences do); no state beyond the fields."})
+    conv: int = field(default=0, metadata={"help": "Field layers only: each layer writes each token's vector plus learned multiples of the previous conv-1 tokens' (a short causal convolution per channel); it keeps those conv-1 vectors as state beside its field. 0 or 1 = off."})
     head: str = field(default="free", metadata={"help": "Next-token head: 'free' (one learned row per token) or 'factored' (rows summed from the token's pitch, duration and position parts).", "choices": HEADS})
     dna_lookup: bool = field(default=False, metadata={"help": "Add learned rows for the DNA's discrete values (pitch, pitch class, octave, duration, beat position, velocity) to its projection."})
     field_dropout: float = field(default=0.0, metadata={"help": "Dropout on the decoder's view of the field (training only)."})
@@ -73,6 +74,8 @@ class ModelConfig:
         if self.learn_decays and (not self.field_layers or not any(parse_decays(self.decays))):
             raise ValueError("learn_decays needs field layers and --decays with a decayed group (a time "
                              "constant >= 1) to start from")
+        if self.conv < 0 or (self.conv > 1 and not self.field_layers):
+            raise ValueError(f"conv needs field layers and must be >= 0, not {self.conv}")
         if self.gated and not self.field_layers:
             raise ValueError("gated needs field layers (--field_layers > 0)")
         if len(parse_decays(self.decays)) > self.field_floats // 2:
@@ -93,7 +96,13 @@ class ModelConfig:
         return self.width if self.field_layers else self.decoder_hidden
 
     @property
+    def layer_state_floats(self) -> int:
+        """Floats of state per field layer: its field and (``conv``) its last conv-1 writes."""
+        return self.field_floats * max(1, self.conv)
+
+    @property
     def state_floats(self) -> int:
-        """Floats of state per stream (the field; the position is one integer more)."""
-        return self.dim
+        """Floats of state per stream: the field(s), and with ``conv`` each layer's last writes
+        (the position is one integer more)."""
+        return self.dim if not self.field_layers else self.field_layers * self.layer_state_floats
 

@@ -38,7 +38,7 @@ class FieldMachine(nn.Module):
             nn.init.zeros_(self.register.bias)
         if c.field_layers:
             self.layers = nn.ModuleList(FieldLayer(c.width, c.field_floats, c.decoder_hidden, c.dropout,
-                                                   c.field_layers, c.learn_decays, c.gated) for _ in range(c.field_layers))
+                                                   c.field_layers, c.learn_decays, c.gated, c.conv) for _ in range(c.field_layers))
             self.norm = nn.RMSNorm(c.width)
         else:
             width = c.dim * (2 if c.direct else 1)
@@ -99,8 +99,8 @@ class FieldMachine(nn.Module):
         return self.note_head(hidden, self.token_parts[tokens], register, chords)
 
     def split_field(self, field: Tensor) -> tuple[Tensor, ...]:
-        """A stream's field (…, dim) as the fields of its layers."""
-        return field.split(self.config.field_floats, dim=-1)
+        """A stream's state (…, state_floats) as the states of its layers."""
+        return field.split(self.config.layer_state_floats, dim=-1)
 
     # ----------------------------------------------------------------- training
     def forward(self, dna: Tensor, voice_slots: Tensor, *, start: FieldState | None = None,

@@ -67,11 +67,20 @@ FM_VARIANTS: dict[str, dict] = {
 # Deep FMs: ``fm_deep<layers>_<floats of state>``, e.g. ``fm_deep4_1024``: field layers with the
 # shipped model's choices (demod, decays, factored head, DNA lookup), their width the largest
 # multiple of 32 that keeps the parameters at most ``--deep_parameters``. Suffixes, in any order:
-# ``_learned`` (each layer learns its own decays, ``ModelConfig.learn_decays``) and ``_gated``
-# (each layer's read gated by its input, ``ModelConfig.gated``): ``fm_deep4_512_gated``.
+# ``_learned`` (each layer learns its own decays, ``ModelConfig.learn_decays``), ``_gated`` (each
+# layer's read gated by its input, ``ModelConfig.gated``) and ``_conv<k>`` (a causal convolution of
+# k taps on each layer's writes, ``ModelConfig.conv``): ``fm_deep4_512_gated_conv4``. ``<floats>``
+# counts the fields; a convolution keeps k-1 writes per layer beside them (the table's state column).
 DEEP_PREFIX = "fm_deep"
 DEEP_SUFFIXES = {"learned": "learn_decays", "gated": "gated"}
-DEEP_NAMING = f"{DEEP_PREFIX}<layers>_<floats>[_learned][_gated]"
+DEEP_NAMING = f"{DEEP_PREFIX}<layers>_<floats>[_learned][_gated][_conv<k>]"
+
+
+def deep_option(suffix: str) -> tuple[str, object]:
+    """``"gated"`` -> ("gated", True); ``"conv4"`` -> ("conv", 4)."""
+    if suffix.startswith("conv") and suffix[4:].isdigit():
+        return "conv", int(suffix[4:])
+    return DEEP_SUFFIXES[suffix], True
 DEEP_CHOICES = dict(readout="demod", head="factored", dna_lookup=True)
 DEEP_DECAYS = "0,512,64,8,2"
 DEFAULT_VARIANTS = ("transformer_factored,fm_demod_direct_decays_factored_lookup,fm_deep2_2048,"
@@ -96,12 +105,12 @@ def build(name: str, args: argparse.Namespace, tokenizer: Tokenizer) -> torch.nn
 
 
 def deep_fm(name: str, shape: dict, parameters: int, dropout: float, decays: str = DEEP_DECAYS) -> FieldMachine:
-    """The ``fm_deep<layers>_<floats>[_learned][_gated]`` variant at the largest width (MLPs 4x
-    wide) within ``parameters``."""
+    """The ``fm_deep<layers>_<floats>[_learned][_gated][_conv<k>]`` variant at the largest width
+    (MLPs 4x wide) within ``parameters``."""
     parts = name.removeprefix(DEEP_PREFIX).split("_")
     try:
         layers, floats = int(parts[0]), int(parts[1])
-        options = {DEEP_SUFFIXES[suffix]: True for suffix in parts[2:]}
+        options = dict(deep_option(suffix) for suffix in parts[2:])
     except (ValueError, IndexError, KeyError):
         raise ValueError(f"deep variants are named {DEEP_NAMING}, not {name!r}") from None
     config = None
@@ -195,7 +204,7 @@ def step_cost_ms(model: torch.nn.Module, position: int, repeat: int = 30) -> flo
             cache.length = position  # a filled cache: what is in it does not change the cost
             model(ids, dna[:, None], slot[:, None], cache=cache)
     else:
-        state = FieldState(torch.zeros(1, model.config.dim, device=param.device),
+        state = FieldState(torch.zeros(1, model.config.state_floats, device=param.device),
                            torch.full((1,), position, dtype=torch.int64, device=param.device))
 
         def one():

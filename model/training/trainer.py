@@ -72,7 +72,7 @@ class TrainConfig:
     init_from: str = field(default="", metadata={
         "help": "start a new run from this checkpoint's weights and tokenizer (a fresh optimizer and step "
                 "count); its model settings hold, except the ones this run may add or change (--voice_register, "
-                "--chord_voices, --dropout, --field_dropout, --learn_decays); weights it lacks start at their initial values"})
+                "--chord_voices, --dropout, --field_dropout, --learn_decays, --conv); weights it lacks start at their initial values"})
     cache_dir: str = field(default="", metadata={"help": "token cache folder (default: model.training.corpus's)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes (0 = no limit); the cosine decay then follows the clock"})
     transpose: int = field(default=0, metadata={
@@ -97,7 +97,7 @@ class TrainConfig:
 MODEL_FLAGS_FROM_DATA = tuple(f.name for f in fields(TokenShape))
 # Model settings a run started --init_from a checkpoint takes from its flags: parts it adds, or
 # settings that change no weight's shape.
-INIT_FLAGS = ("voice_register", "chord_voices", "dropout", "field_dropout", "learn_decays")
+INIT_FLAGS = ("voice_register", "chord_voices", "dropout", "field_dropout", "learn_decays", "conv")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
