@@ -265,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--midi_dir", required=True, help="folder of MIDI files (searched recursively)")
     parser.add_argument("--out_dir", default="runs/study", help="where study.json and study.md go")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated variants, run in order")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated variants, run in order: transformer, transformer_factored, "
+                             f"{DEEP_NAMING} (e.g. fm_deep2_512_gated) or one of {', '.join(FM_VARIANTS)}")
     parser.add_argument("--minutes", type=float, default=4.0, help="training wall clock per variant")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per step")
     parser.add_argument("--max_seq_len", type=int, default=512, help="tokens per training and validation window")
