@@ -92,9 +92,10 @@ def test_trainable_fits_the_note_head_and_leaves_every_other_weight_as_it_was(tm
     assert wrong.returncode == 2 and "note_hed" in wrong.stderr and "note_head" in wrong.stderr
 
 
-def test_init_from_with_learn_decays_learns_each_layers_decays(tmp_path):
+def test_init_from_with_learn_decays_or_conv_adds_and_trains_them(tmp_path):
     """--init_from a trained model, --learn_decays: each layer's decay offsets are added (at zero,
-    the model as it was) and trained; learning decays a model has none of is exit 2."""
+    the model as it was) and trained; learning decays a model has none of is exit 2. The same for
+    --conv 3: each layer's weights of its 2 previous writes; a negative --conv is exit 2."""
     corpus = tiny_corpus(tmp_path / "midi", files=6)
     common = ["--midi_dir", str(corpus), "--dim", "16", "--width", "16", "--decoder_hidden", "16",
               "--max_seq_len", "64", "--cache_dir", str(tmp_path / "c"), "--epochs", "1"]
@@ -110,6 +111,15 @@ def test_init_from_with_learn_decays_learns_each_layers_decays(tmp_path):
     assert torch.equal(shifts[:, 0], torch.zeros(4)) and shifts[:, 1].abs().min() > 0  # pair 0: no decay
     none = run_module("model.train", *common, "--out_dir", str(tmp_path / "none"), "--learn_decays")
     assert none.returncode == 2 and "learn_decays needs field layers and --decays" in none.stderr
+    conv = run_module("model.train", *common, "--out_dir", str(tmp_path / "conv"), "--conv", "3",
+                      "--init_from", str(tmp_path / "plain" / "latest"), "--trainable", "layers", "--lr", "1e-2")
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    assert "new: " + ", ".join(f"layers.{i}.conv" for i in range(4)) in conv.stderr
+    after = load_checkpoint(tmp_path / "conv" / "latest")
+    assert after.model_config["conv"] == 3 and after.state_dict["layers.0.conv"].shape == (2, 4)
+    assert after.state_dict["layers.0.conv"].abs().min() > 0  # trained away from zero, where it starts
+    bad = run_module("model.train", *common, "--out_dir", str(tmp_path / "bad"), "--conv", "-1")
+    assert bad.returncode == 2 and "conv needs field layers and must be >= 0" in bad.stderr
 
 
 def test_transpose_fits_the_vocabulary_on_every_shift(tmp_path):
