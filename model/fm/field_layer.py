@@ -55,14 +55,9 @@ class FieldLayer(nn.Module):
             nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * depth))
             nn.init.zeros_(out.bias)
 
-    @property
-    def state_floats(self) -> int:
-        """Floats of state this layer keeps per stream: its field, then its last writes (``conv``)."""
-        return self.floats * (1 + (0 if self.conv is None else len(self.conv)))
-
-    def written(self, x: Tensor) -> Tensor:
-        """What the layer writes before the convolution and the position code: (…, F) float32."""
-        return self.write(self.write_norm(x.to(self.write_norm.weight.dtype))).float()
+    def normed(self, x: Tensor) -> Tensor:
+        """The layer's view of its input, which it writes from and (``gated``) gates its read by."""
+        return self.write_norm(x.to(self.write_norm.weight.dtype))
 
     def convolve(self, written: Tensor, previous: Tensor | None, last: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, T, F) writes -> each plus its weighted k-1 predecessors, reading ``previous`` (B, k-1, F)
@@ -87,7 +82,7 @@ class FieldLayer(nn.Module):
         return mixed, end
 
     def split_state(self, state: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """This layer's state (B, state_floats) -> its field (B, F) and its last writes (B, k-1, F)."""
+        """This layer's state (B, ModelConfig.layer_state_floats) -> its field (B, F) and its last writes (B, k-1, F)."""
         if state is None:
             return None, None
         if self.conv is None:
@@ -102,32 +97,35 @@ class FieldLayer(nn.Module):
         """This layer's decays (:meth:`FieldCode.decay_tables`), built once per pass or step."""
         return code.decay_tables(device, self.decay_shift)
 
-    def update(self, x: Tensor, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
+    def update(self, x: Tensor, normed: Tensor, field: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor],
                code: FieldCode, tables: tuple[Tensor, Tensor]) -> Tensor:
-        """The residual stream after reading ``field`` (the layer's field at each position)."""
+        """The residual stream after reading ``field`` (the layer's field at each position);
+        ``normed``: :meth:`normed` of ``x``."""
         read = self.read(code.demodulate(field, positions, sin_cos, tables).to(self.read.weight.dtype))
         if self.gate is not None:
-            read = read * F.silu(self.gate(self.write_norm(x.to(self.write_norm.weight.dtype))))
+            read = read * F.silu(self.gate(normed))
         x = x + self.drop(read)
         return x + self.drop(self.mlp(self.mlp_norm(x.to(self.mlp_norm.weight.dtype))))
 
     def forward(self, x: Tensor, positions: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,
                 start: Tensor | None, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Parallel pass over (B, T, width) from ``start`` (B, state_floats) or an empty state;
-        returns the new stream and the layer's state after the last position (B, state_floats):
+        """Parallel pass over (B, T, width) from ``start`` (B, layer_state_floats) or an empty state;
+        returns the new stream and the layer's state after the last position (B, layer_state_floats):
         position ``last`` (B,) of each row where given (right-padded rows)."""
         tables = self.decay_tables(code, x.device)
         begin, previous = self.split_state(start)
-        written, previous = self.convolve(self.written(x), previous, last)
+        normed = self.normed(x)
+        written, previous = self.convolve(self.write(normed).float(), previous, last)
         field = code.accumulate(written * code.position_code(positions, sin_cos), begin, tables)
         end = field[:, -1] if last is None else field[torch.arange(field.shape[0], device=field.device), last]
-        return self.update(x, field, positions, sin_cos, code, tables), self.join_state(end, previous)
+        return self.update(x, normed, field, positions, sin_cos, code, tables), self.join_state(end, previous)
 
     def step(self, x: Tensor, position: Tensor, sin_cos: tuple[Tensor, Tensor], code: FieldCode,
              state: Tensor) -> tuple[Tensor, Tensor]:
-        """One token per stream: (B, width) at positions (B,), state (B, state_floats) -> new stream, state."""
+        """One token per stream: (B, width) at positions (B,), state (B, layer_state_floats) -> new stream, state."""
         tables = self.decay_tables(code, x.device)
         field, previous = self.split_state(state)
-        written, previous = self.convolve(self.written(x).unsqueeze(1), previous)
+        normed = self.normed(x)
+        written, previous = self.convolve(self.write(normed).float().unsqueeze(1), previous)
         field = code.advance(written[:, 0] * code.position_code(position, sin_cos), field, tables)
-        return self.update(x, field, position, sin_cos, code, tables), self.join_state(field, previous)
+        return self.update(x, normed, field, position, sin_cos, code, tables), self.join_state(field, previous)

@@ -37,8 +37,8 @@ class FieldMachine(nn.Module):
         if self.register is not None:
             nn.init.zeros_(self.register.bias)
         if c.field_layers:
-            self.layers = nn.ModuleList(FieldLayer(c.width, c.field_floats, c.decoder_hidden, c.dropout,
-                                                   c.field_layers, c.learn_decays, c.gated, c.conv) for _ in range(c.field_layers))
+            self.layers = nn.ModuleList(FieldLayer(c.width, c.field_floats, c.decoder_hidden, c.dropout, c.field_layers,
+                                                   c.learn_decays, c.gated, c.conv) for _ in range(c.field_layers))
             self.norm = nn.RMSNorm(c.width)
         else:
             width = c.dim * (2 if c.direct else 1)

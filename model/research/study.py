@@ -81,6 +81,8 @@ def deep_option(suffix: str) -> tuple[str, object]:
     if suffix.startswith("conv") and suffix[4:].isdigit():
         return "conv", int(suffix[4:])
     return DEEP_SUFFIXES[suffix], True
+
+
 DEEP_CHOICES = dict(readout="demod", head="factored", dna_lookup=True)
 DEEP_DECAYS = "0,512,64,8,2"
 DEFAULT_VARIANTS = ("transformer_factored,fm_demod_direct_decays_factored_lookup,fm_deep2_2048,"
